@@ -260,7 +260,7 @@ def _prev_line_blank(f, line_start: int) -> bool:
             if byte == 0x0A:
                 f.seek(line_start)
                 return True
-            if not chr(byte).isspace():
+            if byte not in b" \t\r\x0b\x0c":  # the bytes that bytes.strip() strips
                 f.seek(line_start)
                 return False
         pos = block_start
