@@ -1,0 +1,239 @@
+"""Cross-entropy as Triton kernels: a fused "linear + cross-entropy" and a plain one on logits.
+
+References they must equal (sum over the rows whose target is not ``ignore_index``, fp32)::
+
+    def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100):
+        logits = (hidden @ weight.T).float()                     # (N, V)
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+
+    def cross_entropy_sum_ref(logits, targets, ignore_index=-100):
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+
+Why fused: the logits of a whole batch are large (16k tokens x 64k vocab is 4 GiB in fp32).
+``linear_cross_entropy`` never holds them. It walks the rows in chunks; per chunk it
+
+1. computes the chunk's logits ``h @ W.T`` with torch into one reused ``(C, V)`` buffer
+   (in the compute dtype, e.g. bf16),
+2. runs ``_lse_loss_kernel``: one program per row, an online logsumexp over the vocab in blocks
+   of ``BLOCK_V`` (any V, the last block is masked), then ``loss = lse - logit[target]``,
+3. runs ``_softmax_grad_kernel``, which overwrites the buffer in place with
+   ``dlogits = softmax - onehot(target)`` (zero rows for ignored targets),
+4. accumulates ``grad_hidden[chunk] = dlogits @ W`` and ``grad_weight += dlogits.T @ h``.
+
+So the gradients are finished during the forward pass (Liger-style "fused linear cross-entropy");
+backward only scales them by the incoming ``grad_output``.
+
+Memory bound (on top of inputs): the logits buffer, ``C * V`` elements of the compute dtype with
+``C = max(1, MAX_CHUNK_LOGITS // V)`` rows (2**25 elements: 64 MiB in bf16, 128 MiB in fp32,
+whatever N is), plus the gradients themselves: ``grad_hidden`` ``(N, D)`` in the compute dtype and
+``grad_weight`` ``(V, D)`` accumulated in fp32 so that many chunks do not pile up bf16 rounding
+(with a low-precision compute dtype, one more ``(V, D)`` buffer in that dtype holds each chunk's
+product before it is added).
+Without grad (evaluation) only the buffer and an ``(N,)`` fp32 loss vector are allocated.
+
+Under autocast the matmuls run in the autocast dtype (as ``F.linear`` would) and the softmax in
+fp32; gradients come back in the inputs' own dtypes.
+
+Targets outside ``[0, V)`` that are not ``ignore_index`` raise ``ValueError`` (a host check,
+one device synchronisation per call, skipped under torch.compile) instead of reading
+out-of-bounds memory.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from model.kernels.triton_utils import cast_rtne
+
+# Largest vocab block one program holds in registers at a time (tests lower it to exercise the
+# multi-block loop with small vocabularies).
+MAX_BLOCK_V = 4096
+# Elements in one chunk's logits buffer; sets the rows per chunk, see the module docstring.
+MAX_CHUNK_LOGITS = 2**25
+
+
+@triton.jit
+def _lse_loss_kernel(
+    logits_ptr, stride, targets_ptr, loss_ptr, lse_ptr, V, ignore_index, BLOCK_V: tl.constexpr
+):
+    """Per row: lse = logsumexp(logits[row]), loss = lse - logits[row, target] (0 if ignored)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    m = tl.full([], float("-inf"), tl.float32)  # running max
+    s = tl.full([], 0.0, tl.float32)  # running sum of exp(x - m)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.load(targets_ptr + row)
+    ignored = target == ignore_index
+    x_target = tl.load(base + tl.where(ignored, 0, target)).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - x_target))
+
+
+@triton.jit
+def _softmax_grad_kernel(
+    logits_ptr, stride, grad_ptr, grad_stride, targets_ptr, lse_ptr, scale_ptr, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row: grad = scale * (softmax(logits) - onehot(target)); 0 for ignored rows.
+
+    ``grad_ptr`` may alias ``logits_ptr``: each element is read before it is written, by the same
+    program. ``scale_ptr`` points at one fp32 value (grad_output), so no host sync is needed.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    scale = tl.where(target == ignore_index, 0.0, tl.load(scale_ptr))
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+        grad = cast_rtne(grad, grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + row * grad_stride + cols, grad, mask=mask)
+
+
+def _launch_lse_loss(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
+                     lse: torch.Tensor, ignore_index: int) -> None:
+    """Fill ``loss`` and ``lse`` (fp32, (R,)) for ``logits`` (R, V) with unit stride along V."""
+    rows, V = logits.shape
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    _lse_loss_kernel[(rows,)](
+        logits, logits.stride(0), targets, loss, lse, V, ignore_index, BLOCK_V=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
+
+
+def _launch_softmax_grad(logits: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
+                         lse: torch.Tensor, scale: torch.Tensor, ignore_index: int) -> None:
+    """Write ``scale * (softmax - onehot)`` of ``logits`` (R, V) into ``grad`` (may alias it)."""
+    rows, V = logits.shape
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    _softmax_grad_kernel[(rows,)](
+        logits, logits.stride(0), grad, grad.stride(0), targets, lse, scale, V, ignore_index,
+        BLOCK_V=block, num_warps=min(16, max(1, block // 256)),
+    )
+
+
+def _check_targets(targets: torch.Tensor, n_rows: int, V: int, ignore_index: int) -> None:
+    if targets.shape != (n_rows,):
+        raise ValueError(f"cross-entropy: targets {tuple(targets.shape)} vs {n_rows} rows")
+    if torch.compiler.is_compiling():  # the check syncs with the device: no graph break for it
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        raise ValueError(f"cross-entropy: a target is outside [0, {V}) and not {ignore_index}")
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+        rows = logits.shape[0]
+        loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        if rows > 0:
+            _launch_lse_loss(logits, targets, loss, lse, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        if logits.shape[0] > 0:
+            scale = grad_output.detach().float().reshape(1)
+            _launch_softmax_grad(logits, grad, targets, lse, scale, ctx.ignore_index)
+        return grad, None, None
+
+
+def cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Summed cross-entropy of ``logits`` (..., V) against ``targets`` (...), fp32 scalar.
+
+    Rows whose target is ``ignore_index`` contribute 0. The softmax runs in fp32 whatever the
+    logits dtype; the gradient has the logits' dtype.
+    """
+    V = logits.shape[-1]
+    logits2 = logits.reshape(-1, V)
+    if logits2.stride(-1) != 1:
+        logits2 = logits2.contiguous()
+    targets = targets.reshape(-1)
+    _check_targets(targets, logits2.shape[0], V, ignore_index)
+    return _CrossEntropySum.apply(logits2, targets, ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                ignore_index: int, need_grad: bool) -> torch.Tensor:
+        N, D = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        chunk = max(1, min(N, MAX_CHUNK_LOGITS // V))
+        logits_buf = torch.empty(chunk, V, dtype=hidden.dtype, device=dev)  # reused per chunk
+        loss = torch.empty(N, dtype=torch.float32, device=dev)
+        lse = torch.empty(chunk, dtype=torch.float32, device=dev)
+        one = torch.ones(1, dtype=torch.float32, device=dev)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_grad else None
+        # Low-precision chunk products of dweight land here before the fp32 accumulation.
+        low_precision = need_grad and hidden.dtype != torch.float32
+        dw_chunk = torch.empty(V, D, dtype=hidden.dtype, device=dev) if low_precision else None
+        for start in range(0, N, chunk):
+            end = min(N, start + chunk)
+            h, t = hidden[start:end], targets[start:end]
+            logits = logits_buf[: end - start]  # (C, V)
+            torch.mm(h, weight.T, out=logits)
+            _launch_lse_loss(logits, t, loss[start:end], lse, ignore_index)
+            if not need_grad:
+                continue
+            _launch_softmax_grad(logits, logits, t, lse, one, ignore_index)  # in place
+            torch.mm(logits, weight, out=grad_hidden[start:end])  # (C, D)
+            if low_precision:
+                grad_weight.add_(torch.mm(logits.T, h, out=dw_chunk))  # (V, D)
+            else:
+                grad_weight.addmm_(logits.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        assert grad_hidden is not None, "linear_cross_entropy: forward ran without gradients"
+        g = grad_output.detach()
+        # Inside the Function hidden and weight share the compute dtype.
+        return (grad_hidden * g, (grad_weight * g).to(grad_hidden.dtype), None, None, None)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding all logits.
+
+    hidden: (N, D); weight: (V, D), the LM head; targets: (N,) int64. Returns an fp32 scalar, the
+    sum over rows with ``target != ignore_index`` (divide by their count for the mean). See the
+    module docstring for the chunking and its memory bound.
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    assert weight.shape == (V, D), f"linear_cross_entropy: weight {tuple(weight.shape)} vs D={D}"
+    targets = targets.reshape(-1)
+    _check_targets(targets, N, V, ignore_index)
+    device_type = hidden.device.type
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # The .to() casts sit outside the Function so autograd returns grads in the callers' dtypes.
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(
+            hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(), targets, ignore_index,
+            need_grad,
+        )

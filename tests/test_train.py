@@ -1,0 +1,135 @@
+"""train.py end to end on a tiny model: accumulation equivalence, exact resume, mixed precision.
+
+Every run is a real ``python train.py`` subprocess on pretokenized sample text, compared with
+another run (an uninterrupted one, or a different accumulation split) — never with numbers
+copied from our own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 32
+TINY = ["--model_preset=debug", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
+        f"--max_seq_len={SEQ}", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2",
+        "--log_interval=1", "--eval_iters=2", "--tensorboard=false", "--valid_ratio=0.05"]
+
+
+@pytest.fixture(scope="session")
+def pretok_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The Debian handbook (English) from the sample corpus, pretokenized and indexed."""
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / "handbook_en.jsonl").write_bytes((ROOT / "data/sample/pretrain/handbook_en.jsonl").read_bytes())
+    out = tmp_path_factory.mktemp("pretok")
+    for module, args in [
+        ("data_preprocess.pretokenize_pretrain_data", [f"--data_dir={raw}", f"--tokenizer_dir={tokenizer_dir}",
+                                                       f"--out_dir={out}"]),
+        ("data_preprocess.build_pretrain_sample_index_map", [f"--data_dir={out}", f"--max_seq_len={SEQ}"]),
+    ]:
+        r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    return out
+
+
+def train(out_dir: Path, pretok_dir: Path, tokenizer_dir: Path, *args: str, env: dict | None = None,
+          check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", "--task_type=pretrain", f"--data_dir={pretok_dir}",
+           f"--tokenizer_dir={tokenizer_dir}", f"--out_dir={out_dir}", *TINY, *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                       timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {row["iter"]: row["loss"] for row in metrics(out_dir) if "loss" in row}
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    from utils.checkpoint import latest_model_dir
+
+    return load_file(latest_model_dir(out_dir) / "model.safetensors")
+
+
+def test_gradient_accumulation_splits_agree(tmp_path, pretok_dir, tokenizer_dir):
+    """(8, 1), (4, 2), (2, 4): the same global batch gives the same parameters after 5 steps."""
+    weights = []
+    for bs, accum in [(8, 1), (4, 2), (2, 4)]:
+        out = tmp_path / f"b{bs}"
+        train(out, pretok_dir, tokenizer_dir, "--max_iters=5", f"--train_batch_size={bs}",
+              f"--gradient_accumulation_steps={accum}", "--eval_interval=0", "--save_interval=0",
+              "--learning_rate=1e-3")
+        weights.append(final_weights(out))
+    for other in weights[1:]:
+        for name, value in weights[0].items():
+            torch.testing.assert_close(other[name], value, rtol=0, atol=1e-6)
+
+
+def test_training_lowers_validation_loss(tmp_path, pretok_dir, tokenizer_dir):
+    out = tmp_path / "run"
+    train(out, pretok_dir, tokenizer_dir, "--max_iters=30", "--train_batch_size=8", "--eval_interval=30")
+    val = [row["val_loss"] for row in metrics(out) if "val_loss" in row]
+    assert len(val) == 2 and val[-1] < val[0] - 0.5, val
+    assert (out / "exp_config.json").is_file() and (out / "train.log").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, pretok_dir, tokenizer_dir):
+    # lr_decay_iters is fixed so the schedule does not depend on max_iters (10 vs 20).
+    common = ["--train_batch_size=4", "--gradient_accumulation_steps=2", "--eval_interval=5",
+              "--save_interval=5", "--lr_decay_iters=20"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, pretok_dir, tokenizer_dir, "--max_iters=20", *common)
+    train(split, pretok_dir, tokenizer_dir, "--max_iters=10", *common)
+    train(split, pretok_dir, tokenizer_dir, "--resume", "--max_iters=20")
+    assert losses(split) == losses(straight) and len(losses(split)) == 20
+    assert [r for r in metrics(split) if "val_loss" in r] == [r for r in metrics(straight) if "val_loss" in r]
+    a, b = final_weights(straight), final_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_during_checkpoint_write_then_resume(tmp_path, pretok_dir, tokenizer_dir):
+    common = ["--train_batch_size=4", "--eval_interval=0", "--save_interval=4", "--lr_decay_iters=12"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(straight, pretok_dir, tokenizer_dir, "--max_iters=12", *common)
+    r = train(crashed, pretok_dir, tokenizer_dir, "--max_iters=12", *common,
+              env={"Z2ALL_FAULT": "kill@iter=8:phase=checkpoint_write"}, check=False)
+    assert r.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (crashed / "checkpoints").iterdir())
+    assert "iter_00000008.tmp" in ckpts and "iter_00000004" in ckpts
+    train(crashed, pretok_dir, tokenizer_dir, "--resume", "--max_iters=12")
+    assert losses(crashed) == losses(straight)
+    a, b = final_weights(straight), final_weights(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_trains(tmp_path, pretok_dir, tokenizer_dir, dtype):
+    out = tmp_path / dtype
+    train(out, pretok_dir, tokenizer_dir, "--max_iters=12", "--train_batch_size=8", f"--dtype={dtype}",
+          "--eval_interval=12")
+    val = [row["val_loss"] for row in metrics(out) if "val_loss" in row]
+    assert val[-1] < val[0]
+    weights = final_weights(out)
+    assert all(w.dtype == getattr(torch, dtype) for w in weights.values())
+
+
+def test_bad_input_is_a_clear_error(tmp_path, pretok_dir, tokenizer_dir):
+    r = train(tmp_path / "x", tmp_path / "missing", tokenizer_dir, "--max_iters=1", check=False)
+    assert r.returncode == 2 and "data_dir" in r.stderr and "Traceback" not in r.stderr
+    r = train(tmp_path / "y", pretok_dir, tokenizer_dir, "--resume", check=False)
+    assert r.returncode == 2 and "no saved config" in r.stderr and "Traceback" not in r.stderr
