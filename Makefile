@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m demo $(if $(FRESH),--fresh,)
+	$(PY) demo.py $(if $(FRESH),--fresh,)
 
 # Fast core suite (slow end-to-end tests are marked `slow` and included here too unless FAST=1).
 test: $(STAMP)
