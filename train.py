@@ -5,8 +5,8 @@
     python train.py --resume --out_dir=out/run
 
 Reading order: ``main`` → ``setup_run`` (config, process group, logging) → ``build_task`` →
-``build_model`` → ``build_optimizer`` → ``train`` (the loop) → ``train_step`` (one optimizer step)
-and ``evaluate``. Checkpoint save/restore is at the bottom.
+``build_model`` → ``wrap_data_parallel`` → ``build_optimizer`` → ``train_loop`` → ``train_step``
+(one optimizer step) and ``evaluate``. Checkpoint save/restore is at the bottom.
 
 Global batch: ``train_batch_size × gradient_accumulation_steps`` sequences per optimizer step,
 whatever the number of ranks: each rank runs ``gradient_accumulation_steps / world_size``
@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from utils.fault_injection import maybe_inject
 from utils.logging_utils import get_logger, setup_logging
 from utils.metrics import MetricsLogger, touch_heartbeat
 from utils.rng import rng_state, seed_everything, set_rng_state
-from utils.tasks import LanguageModelingTask, Task, to_device
+from utils.tasks import LanguageModelingTask, PreferenceTask, Task, to_device
 
 logger = get_logger("train")
 
@@ -45,13 +45,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class TrainState:
-    """Everything about the loop's position that a checkpoint must restore."""
+    """The loop's position: what a checkpoint's ``trainer_state.json`` restores."""
 
     iter: int = 0  # optimizer steps completed
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # loss units (target tokens or pairs) trained on
     best_val_loss: float = math.inf
     best_iter: int | None = None
-    sampler: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +60,7 @@ class TrainState:
 def setup_run(argv: list[str]) -> tuple[Config, DistContext]:
     """Config (validated before anything is written), process group, logging, saved config."""
     cfg = resolve_config(argv)
-    validate_paths(cfg)
+    validate_run_config(cfg)
     ctx = init_distributed()
     if cfg.optim.gradient_accumulation_steps % ctx.world_size:
         raise ConfigError(
@@ -77,25 +76,59 @@ def setup_run(argv: list[str]) -> tuple[Config, DistContext]:
     return cfg, ctx
 
 
-def validate_paths(cfg: Config) -> None:
-    for key in ("data_dir", "tokenizer_dir"):
-        value = getattr(cfg.data, key)
-        if not value and not cfg.data.data_mix:
-            raise ConfigError(f"config key '{key}' is required for task_type={cfg.task.task_type}")
-        if value and not Path(value).exists():
+def validate_run_config(cfg: Config) -> None:
+    """Checks that need the task: required paths exist, flag combinations make sense."""
+    d, t, p = cfg.data, cfg.task, cfg.parallel
+    required = ["tokenizer_dir"] + ([] if d.data_mix else ["data_dir"])
+    for key in required:
+        value = getattr(d, key)
+        if not value:
+            raise ConfigError(f"config key '{key}' is required for task_type={t.task_type}")
+        if not Path(value).exists():
             raise ConfigError(f"config key '{key}': {value!r} does not exist")
+    if d.data_mix and t.task_type != "pretrain":
+        raise ConfigError("config key 'data_mix' applies to task_type=pretrain only")
+    if t.task_type == "dpo" and not t.init_from:
+        raise ConfigError("task_type=dpo needs --init_from (the SFT model; it is also the reference)")
+    if t.init_from and not Path(t.init_from).exists():
+        raise ConfigError(f"config key 'init_from': {t.init_from!r} does not exist")
+    if p.use_distributed_optimizer and (p.ddp_impl != "my" or p.comm_hook != "allreduce"):
+        raise ConfigError("use_distributed_optimizer (ZeRO-1) needs ddp_impl=my and comm_hook=allreduce")
+    if p.overlap_optim_step and not p.use_distributed_optimizer:
+        raise ConfigError("overlap_optim_step steps ZeRO-1 shards per bucket: it needs use_distributed_optimizer")
 
 
-def build_task(cfg: Config, tokenizer: Any) -> Task:
-    """The datasets and loss for ``task_type``."""
-    if cfg.task.task_type == "pretrain":
-        from dataset.dataset_pretrain import PretokDatasetWithIndex
+def build_task(cfg: Config, ctx: DistContext) -> Task:
+    """The datasets and loss for ``task_type`` (pretrain and SFT share the LM loss)."""
+    d, m, t = cfg.data, cfg.model, cfg.task
+    split_args = dict(seed=t.seed, valid_ratio=d.valid_ratio)
+    if t.task_type == "pretrain":
+        if d.data_mix:
+            from dataset.mixing import mixed_pretrain_dataset
 
-        common = dict(seed=cfg.task.seed, valid_ratio=cfg.data.valid_ratio)
-        train_set = PretokDatasetWithIndex(cfg.data.data_dir, cfg.model.max_seq_len, split="train", **common)
-        valid_set = PretokDatasetWithIndex(cfg.data.data_dir, cfg.model.max_seq_len, split="valid", **common)
-        return LanguageModelingTask(train_set, valid_set)
-    raise ConfigError(f"task_type={cfg.task.task_type} is not available yet")
+            make = lambda split: mixed_pretrain_dataset(d.data_mix, m.max_seq_len, split, **split_args)  # noqa: E731
+        else:
+            from dataset.dataset_pretrain import PretokDatasetWithIndex
+
+            make = lambda split: PretokDatasetWithIndex(d.data_dir, m.max_seq_len, split, **split_args)  # noqa: E731
+        return LanguageModelingTask(make("train"), make("valid"))
+    if t.task_type == "sft":
+        from dataset.dataset_sft import SFTDataset
+
+        train_set, valid_set = (
+            SFTDataset(d.data_dir, m.max_seq_len, split, tokenizer_dir=d.tokenizer_dir,
+                       packing=d.sft_packing, **split_args)
+            for split in ("train", "valid")
+        )
+        return LanguageModelingTask(train_set, valid_set, collate_fn=train_set.collate)
+    from dataset.dataset_dpo import DPODataset
+
+    train_set, valid_set = (
+        DPODataset(d.data_dir, m.max_seq_len, split, tokenizer_dir=d.tokenizer_dir, **split_args)
+        for split in ("train", "valid")
+    )
+    return PreferenceTask(train_set, valid_set, train_set.collate, beta=t.dpo_beta,
+                          loss_type=t.dpo_loss_type, label_smoothing=t.dpo_label_smoothing)
 
 
 def model_config(cfg: Config, vocab_size: int) -> Any:
@@ -111,65 +144,72 @@ def model_config(cfg: Config, vocab_size: int) -> Any:
     )
 
 
-def build_model(cfg: Config, vocab_size: int, ctx: DistContext) -> nn.Module:
-    """A fresh model, or weights from ``--init_from`` (a run dir or a Hugging Face Llama dir)."""
+def build_model(cfg: Config, vocab_size: int, ctx: DistContext, weights_dir: str | Path | None = None) -> nn.Module:
+    """A fresh model, or one loaded from ``weights_dir`` (a run dir or a Hugging Face Llama dir)."""
     from model.modeling_z2all import Z2allForCausalLM
 
+    dtype = DTYPES[cfg.optim.dtype]
     torch.manual_seed(cfg.task.seed)  # identical initial weights on every rank
-    if cfg.task.init_from:
+    if weights_dir:
         model = Z2allForCausalLM.from_pretrained(
-            cfg.task.init_from, kernels=cfg.model.kernels,
+            weights_dir, dtype=dtype, kernels=cfg.model.kernels,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
         )
-        logger.info("initialised from %s", cfg.task.init_from)
     else:
         model = Z2allForCausalLM(model_config(cfg, vocab_size))
-    model = model.to(device=ctx.device, dtype=DTYPES[cfg.optim.dtype])
-    logger.info("model: %s parameters", f"{sum(p.numel() for p in model.parameters()):,}")
-    return model
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> MixedPrecisionOptimizer:
-    o = cfg.optim
-    return MixedPrecisionOptimizer(
-        model, lr=o.learning_rate, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
-        grad_clip=o.grad_clip,
-        loss_scaler=make_loss_scaler(DTYPES[o.dtype], o.initial_loss_scale),
-    )
+    return model.to(device=ctx.device, dtype=dtype)
 
 
 def wrap_data_parallel(cfg: Config, model: nn.Module, ctx: DistContext) -> nn.Module:
-    """The model as the training step sees it: itself on one rank, else a DDP wrapper."""
-    if not ctx.is_distributed:
+    """The model as the training step sees it: itself on one rank, else a DDP wrapper.
+
+    ZeRO-1 always uses our DDP (its buffers are what the optimizer shards), even on one rank.
+    """
+    p = cfg.parallel
+    if not ctx.is_distributed and not p.use_distributed_optimizer:
         return model
     from parallel.distributed_data_parallel import wrap_model
 
-    p = cfg.parallel
     return wrap_model(
         model, ctx, p.ddp_impl, bucket_size=p.bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
-        grad_reduce_in_fp32=p.grad_reduce_in_fp32, comm_hook=p.comm_hook,
+        grad_reduce_in_fp32=p.grad_reduce_in_fp32, comm_hook=p.comm_hook, powersgd_rank=p.powersgd_rank,
+        powersgd_start_iter=p.powersgd_start_iter, seed=cfg.task.seed,
     )
 
 
+def build_optimizer(cfg: Config, model: nn.Module, train_model: nn.Module) -> Any:
+    """AdamW with fp32 masters: whole on every rank, or sharded across ranks (ZeRO-1)."""
+    o, p = cfg.optim, cfg.parallel
+    common = dict(lr=o.learning_rate, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
+                  grad_clip=o.grad_clip, loss_scaler=make_loss_scaler(DTYPES[o.dtype], o.initial_loss_scale))
+    if p.use_distributed_optimizer:
+        from parallel.distributed_optimizer import DistributedOptimizer
+
+        return DistributedOptimizer(train_model, overlap_param_gather=p.overlap_param_gather,
+                                    overlap_optim_step=p.overlap_optim_step, **common)
+    return MixedPrecisionOptimizer(model, **common)
+
+
 # ----------------------------------------------------------------------------------------------
-# the training step
+# one optimizer step, and evaluation
 
 
 def train_step(
     model: nn.Module,
-    optimizer: MixedPrecisionOptimizer,
+    optimizer: Any,
     task: Task,
     batches: list[dict[str, torch.Tensor]],
     ctx: DistContext,
     lr: float,
     iteration: int,
-) -> tuple[float, StepResult, int]:
+) -> tuple[dict[str, float], StepResult, int]:
     """Forward/backward over this rank's micro-batches, gradient sync, one optimizer step.
 
     Each micro-batch's loss SUM is divided by the number of loss units in the whole global batch
     (all ranks) and multiplied by the world size, because data-parallel gradient averaging
-    divides by it again. The gradient is then exactly that of the global-batch mean loss.
-    Returns (global mean loss, step result, global loss units).
+    divides by it again. The gradient is then exactly that of the global-batch mean loss, for
+    any world size and accumulation split. Returns (global means of loss and task metrics,
+    step result, global loss units).
     """
     local_count = torch.tensor(float(sum(task.count(b) for b in batches)))
     all_reduce(local_count, ctx.world_size)
@@ -177,70 +217,105 @@ def train_step(
     if global_count == 0:
         raise DataError("a global batch has no target tokens (every label is -100)")
     scale = ctx.world_size / global_count
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", *task.metric_names)}
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
         with nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
-            sums = task.loss(model, to_device(batch, ctx.device))
-            optimizer.scale_loss(sums.loss_sum * scale).backward()
-        loss_sum += sums.loss_sum.detach().double().cpu()
+            out = task.loss(model, to_device(batch, ctx.device))
+            optimizer.scale_loss(out.loss_sum * scale).backward()
+        for key, value in {"loss": out.loss_sum, **out.metric_sums}.items():
+            sums[key] += value.detach().double().cpu()
     if hasattr(model, "finish_grad_sync"):
         model.finish_grad_sync()
     maybe_inject("step", iteration, ctx.rank)  # fault-injection tests: die between backward and step
     result = optimizer.step(lr)
-    all_reduce(loss_sum, ctx.world_size)
-    return float(loss_sum) / global_count, result, global_count
+    return global_means(sums, global_count, ctx), result, global_count
+
+
+def global_means(sums: dict[str, torch.Tensor], count: float, ctx: DistContext) -> dict[str, float]:
+    """All-reduce per-rank sums (in a fixed key order) and divide by the global count."""
+    keys = sorted(sums)
+    packed = torch.stack([sums[k] for k in keys])
+    all_reduce(packed, ctx.world_size)
+    return {k: float(v) / count for k, v in zip(keys, packed)}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, cfg: Config, ctx: DistContext) -> float:
-    """Mean loss over the first ``eval_iters`` micro-batches of the valid split, on every rank.
+def evaluate(model: nn.Module, task: Task, cfg: Config, ctx: DistContext) -> dict[str, float]:
+    """Mean loss (and task metrics) over the first ``eval_iters`` micro-batches of the valid split.
 
     The samples are fixed (the first ``eval_iters × train_batch_size``), micro-batches are dealt
-    round-robin to ranks and the sums all-reduced, so the number is the same for any world size.
+    round-robin to ranks and the sums all-reduced, so the result is the same for any world size.
+    Every rank takes part, so no rank waits on a collective the others never reach.
     """
     model.eval()
     bs = cfg.optim.train_batch_size
     n = min(len(task.valid_set), cfg.ckpt.eval_iters * bs)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, count
+    # Every rank reports every key, even a rank that got no validation batch.
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", *task.metric_names)}
+    count = torch.zeros((), dtype=torch.float64)
     for start in range(ctx.rank * bs, n, bs * ctx.world_size):
         batch = task.collate([task.valid_set[i] for i in range(start, min(start + bs, n))])
-        sums = task.loss(model, to_device(batch, ctx.device))
-        totals += torch.tensor([float(sums.loss_sum), sums.count], dtype=torch.float64)
-    all_reduce(totals, ctx.world_size)
+        out = task.loss(model, to_device(batch, ctx.device))
+        for key, value in {"loss": out.loss_sum, **out.metric_sums}.items():
+            sums[key] += value.double().cpu()
+        count += out.count
+    all_reduce(count, ctx.world_size)
     model.train()
-    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+    means = global_means(sums, max(float(count), 1.0), ctx)
+    return {f"val_{k}": v for k, v in means.items()}
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# the run
 
 
 def train(argv: list[str]) -> int:
     cfg, ctx = setup_run(argv)
     try:
-        return _train(cfg, ctx)
+        return run(cfg, ctx)
     finally:
         destroy_distributed()
 
 
-def _train(cfg: Config, ctx: DistContext) -> int:
-    from dataset.sampler import GlobalBatchSampler, rank_micro_batches
+def run(cfg: Config, ctx: DistContext) -> int:
+    from dataset.sampler import GlobalBatchSampler
     from tokenizer.tokenization import load_tokenizer, padded_vocab_size
 
-    seed_everything(cfg.task.seed + ctx.rank)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_dir)
-    task = build_task(cfg, tokenizer)
-    model = build_model(cfg, padded_vocab_size(len(tokenizer)), ctx)
-    optimizer = build_optimizer(cfg, model)
     o, c = cfg.optim, cfg.ckpt
-    sampler = GlobalBatchSampler(len(task.train_set), o.train_batch_size, o.gradient_accumulation_steps,
-                                 seed=cfg.task.seed)
-    state = TrainState()
-    if c.resume:
-        restore(cfg, ctx, model, optimizer, sampler, state)
+    seed_everything(cfg.task.seed + ctx.rank)
+    resume_from = ckpt.latest_valid_checkpoint(c.out_dir) if c.resume else None
+    if c.resume and resume_from is None:
+        # A run that died before its first save: the monitor adds --resume to every restart.
+        logger.warning("--resume: no valid checkpoint under %s yet; starting from iteration 0",
+                       ckpt.checkpoint_root(c.out_dir))
+    vocab_size = padded_vocab_size(len(load_tokenizer(cfg.data.tokenizer_dir)))
+    task = build_task(cfg, ctx)
+    weights = resume_from / ckpt.MODEL_SUBDIR if resume_from else cfg.task.init_from
+    model = build_model(cfg, vocab_size, ctx, weights)
+    if isinstance(task, PreferenceTask):
+        # The reference is its own copy of the --init_from weights, never a resumed policy.
+        reference = build_model(cfg, vocab_size, ctx, cfg.task.init_from)
+        task.set_reference(reference, cfg.task.precompute_ref_logps, o.train_batch_size, ctx.device)
+    logger.info("model: %s parameters%s", f"{sum(p.numel() for p in model.parameters()):,}",
+                f", weights from {weights}" if weights else "")
     train_model = wrap_data_parallel(cfg, torch.compile(model) if cfg.model.compile else model, ctx)
-    # On resume the logger drops metrics rows (and TensorBoard points) past the checkpoint.
+    optimizer = build_optimizer(cfg, model, train_model)
+    sampler = GlobalBatchSampler(len(task.train_set), o.train_batch_size, o.gradient_accumulation_steps,
+                                 seed=cfg.task.seed, shuffle=not cfg.data.data_mix)
+    state = TrainState()
+    if resume_from is not None:
+        restore(resume_from, cfg, ctx, train_model, optimizer, sampler, state)
+    train_loop(cfg, ctx, task, model, train_model, optimizer, sampler, state)
+    return 0
+
+
+def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, train_model: nn.Module,
+               optimizer: Any, sampler: Any, state: TrainState) -> None:
+    from dataset.sampler import rank_micro_batches
+    from model.flops import flops_per_token, mfu, peak_flops
+
+    o, c = cfg.optim, cfg.ckpt
     metrics = MetricsLogger(c.out_dir, enabled=ctx.is_main, tensorboard=c.tensorboard,
                             resume_iter=state.iter if c.resume else None)
 
@@ -249,61 +324,71 @@ def _train(cfg: Config, ctx: DistContext) -> int:
         if ctx.is_main:
             touch_heartbeat(c.out_dir, state.iter, phase)
 
-    heartbeat("startup")
+    def run_eval() -> None:
+        heartbeat("eval")
+        results = evaluate(train_model, task, cfg, ctx)
+        results["val_ppl"] = math.exp(min(results["val_loss"], 50.0))
+        metrics.log(state.iter, results)
+        if results["val_loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_iter = results["val_loss"], state.iter
+
     decay_iters = o.lr_decay_iters or o.max_iters
     tokens_per_step = o.train_batch_size * o.gradient_accumulation_steps * cfg.model.max_seq_len
-    logger.info("training %d → %d steps, global batch %d sequences (%d tokens)", state.iter, o.max_iters,
-                o.train_batch_size * o.gradient_accumulation_steps, tokens_per_step)
-
+    flops_tok = flops_per_token(model, cfg.model.max_seq_len)
+    peak = cfg.ckpt.peak_flops or peak_flops(ctx.device, DTYPES[o.dtype])
+    logger.info("training steps %d → %d, global batch %d sequences", state.iter, o.max_iters,
+                o.train_batch_size * o.gradient_accumulation_steps)
+    heartbeat("startup")
     if c.eval_interval and state.iter == 0:
-        heartbeat("eval")
-        val_loss = evaluate(train_model, task, cfg, ctx)
-        metrics.log(0, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-    t_last = time.perf_counter()
+        run_eval()
+    t_last, steps_since_log = time.perf_counter(), 0
     while state.iter < o.max_iters:
-        it = state.iter
-        lr = cosine_lr(it, o.learning_rate, o.min_lr, o.warmup_iters, decay_iters)
+        lr = cosine_lr(state.iter, o.learning_rate, o.min_lr, o.warmup_iters, decay_iters)
         indices = rank_micro_batches(sampler.next_global_batch(), ctx.rank, ctx.world_size)
         batches = [task.collate([task.train_set[i] for i in mb]) for mb in indices]
         if hasattr(train_model, "zero_grad_buffer"):
             train_model.zero_grad_buffer()
         optimizer.zero_grad()
-        loss, result, units = train_step(train_model, optimizer, task, batches, ctx, lr, it + 1)
-        state.iter = it + 1
+        means, result, units = train_step(train_model, optimizer, task, batches, ctx, lr, state.iter + 1)
+        state.iter += 1
         state.tokens_seen += units
-        state.sampler = sampler.state_dict()
+        steps_since_log += 1
         heartbeat("step")
-
         if state.iter % c.log_interval == 0 or state.iter == o.max_iters:
             dt = time.perf_counter() - t_last
-            steps = state.iter % c.log_interval or c.log_interval
-            t_last = time.perf_counter()
-            metrics.log(state.iter, {
-                "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-                "tokens_per_sec": tokens_per_step * steps / dt, "step_ms": 1000 * dt / steps,
-                "loss_scale": result.loss_scale, "skipped_steps": getattr(optimizer.loss_scaler, "skipped_steps", 0),
-                "epoch": getattr(sampler, "epoch", 0),
-            })
+            tokens_per_sec = tokens_per_step * steps_since_log / dt
+            row = {**means, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": tokens_per_sec,
+                   "step_ms": 1000 * dt / steps_since_log, "epoch": sampler.epoch}
+            if peak:
+                row["mfu"] = mfu(tokens_per_sec / ctx.world_size, flops_tok, peak)
+            if optimizer.loss_scaler.dynamic:
+                row.update(loss_scale=result.loss_scale, skipped_steps=optimizer.loss_scaler.skipped_steps)
+            if ctx.device.type == "cuda":
+                row["mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+            metrics.log(state.iter, row)
+            if hasattr(task.train_set, "describe"):  # --data_mix: epochs of every source so far
+                logger.info("data mix: %s", task.train_set.describe(sampler.consumed_samples))
+            t_last, steps_since_log = time.perf_counter(), 0
         if c.eval_interval and (state.iter % c.eval_interval == 0 or state.iter == o.max_iters):
-            heartbeat("eval")
-            val_loss = evaluate(train_model, task, cfg, ctx)
-            metrics.log(state.iter, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-            if val_loss < state.best_val_loss:
-                state.best_val_loss, state.best_iter = val_loss, state.iter
+            run_eval()
         if (c.save_interval and state.iter % c.save_interval == 0) or state.iter == o.max_iters:
             heartbeat("checkpoint_write")
-            save(cfg, ctx, model, optimizer, state)
+            save(cfg, ctx, model, train_model, optimizer, sampler, state)
+            t_last = time.perf_counter()  # checkpoint time is not training throughput
     metrics.close()
-    logger.info("done: %d steps, checkpoint in %s", state.iter, ckpt.checkpoint_root(c.out_dir))
-    return 0
+    logger.info("finished at step %d; checkpoints in %s", state.iter, ckpt.checkpoint_root(c.out_dir))
 
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
 
-def save(cfg: Config, ctx: DistContext, model: nn.Module, optimizer: MixedPrecisionOptimizer,
-         state: TrainState) -> None:
+def save(cfg: Config, ctx: DistContext, model: nn.Module, train_model: nn.Module, optimizer: Any,
+         sampler: Any, state: TrainState) -> None:
+    """Write a checkpoint collectively (see utils/checkpoint.py for the layout)."""
+    rank_state: dict[str, Any] = {"rng": rng_state()}
+    if hasattr(train_model, "comm_hook_state_dict"):  # PowerSGD error feedback, per rank
+        rank_state["comm_hook"] = train_model.comm_hook_state_dict()
     trainer_state = {
         "iter": state.iter, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
         "best_iter": state.best_iter, "world_size": ctx.world_size, "config": cfg.to_dict(),
@@ -311,8 +396,9 @@ def save(cfg: Config, ctx: DistContext, model: nn.Module, optimizer: MixedPrecis
     path = ckpt.save_checkpoint(
         cfg.ckpt.out_dir, state.iter, ctx.rank,
         save_model=model.save_pretrained,
-        shared_state={"optimizer": optimizer.state_dict(), "sampler": state.sampler},
-        rank_state={"rng": rng_state()},
+        # A ZeRO-1 state_dict is a collective that gathers the shards: every rank evaluates it.
+        shared_state={"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()},
+        rank_state=rank_state,
         trainer_state=trainer_state,
         barrier=lambda: barrier(ctx.world_size),
         before_commit=lambda: maybe_inject("checkpoint_write", state.iter, ctx.rank),
@@ -320,30 +406,20 @@ def save(cfg: Config, ctx: DistContext, model: nn.Module, optimizer: MixedPrecis
     logger.info("saved checkpoint %s", path)
 
 
-def restore(cfg: Config, ctx: DistContext, model: nn.Module, optimizer: MixedPrecisionOptimizer,
+def restore(path: Path, cfg: Config, ctx: DistContext, train_model: nn.Module, optimizer: Any,
             sampler: Any, state: TrainState) -> None:
-    """Load the newest valid checkpoint of ``out_dir`` into the freshly built objects."""
-    path = ckpt.latest_valid_checkpoint(cfg.ckpt.out_dir)
-    if path is None:
-        # A run that died before its first save: the monitor adds --resume to every restart.
-        logger.warning("--resume: no valid checkpoint under %s yet; starting from iteration 0",
-                       ckpt.checkpoint_root(cfg.ckpt.out_dir))
-        return
+    """Load optimizer, data position, RNG and loop state (the weights are already loaded)."""
     trainer_state = ckpt.load_trainer_state(path)
-    from model.modeling_z2all import Z2allForCausalLM
-
-    loaded = Z2allForCausalLM.from_pretrained(path / ckpt.MODEL_SUBDIR, dtype=DTYPES[cfg.optim.dtype])
-    with torch.no_grad():
-        model.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
-    state.sampler = ckpt.load_state(path, "sampler")
-    sampler.load_state_dict(state.sampler)
+    sampler.load_state_dict(ckpt.load_state(path, "sampler"))
     saved_world = trainer_state["world_size"]
     if saved_world == ctx.world_size:
         set_rng_state(ckpt.load_state(path, "rng", ctx.rank))
+        if hasattr(train_model, "load_comm_hook_state_dict"):
+            train_model.load_comm_hook_state_dict(ckpt.load_state(path, "comm_hook", ctx.rank))
     else:
-        logger.warning("resuming %d-rank checkpoint on %d ranks: RNG streams start fresh", saved_world,
-                       ctx.world_size)
+        logger.warning("resuming a %d-rank checkpoint on %d ranks: per-rank RNG and comm-hook state "
+                       "start fresh", saved_world, ctx.world_size)
     state.iter = trainer_state["iter"]
     state.tokens_seen = trainer_state["tokens_seen"]
     state.best_val_loss = trainer_state["best_val_loss"]
@@ -351,9 +427,9 @@ def restore(cfg: Config, ctx: DistContext, model: nn.Module, optimizer: MixedPre
     saved_max_iters = trainer_state["config"]["optim"]["max_iters"]
     if not cfg.optim.lr_decay_iters and saved_max_iters != cfg.optim.max_iters:
         logger.warning("max_iters changed %d → %d with lr_decay_iters=0: the cosine schedule now decays "
-                       "over %d steps; set --lr_decay_iters to keep the schedule of the first run",
+                       "over %d steps; set --lr_decay_iters to keep the first run's schedule",
                        saved_max_iters, cfg.optim.max_iters, cfg.optim.max_iters)
-    logger.info("resumed from %s at iteration %d", path, state.iter)
+    logger.info("resumed from %s at step %d", path, state.iter)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
             max_train_bytes=500_000, seed=0,
         )
     return train_tokenizer("hf_bbpe", texts=BUILTIN_TOKENIZER_TEXT * 50, vocab_size=1024, out_dir=out_dir)
+
+
+@pytest.fixture(scope="session")
+def pretok_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The English Debian handbook from the sample corpus, pretokenized and indexed (seq 32)."""
+    from train_utils import pretokenize
+
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / "handbook_en.jsonl").write_bytes((ROOT / "data/sample/pretrain/handbook_en.jsonl").read_bytes())
+    return pretokenize(raw, tokenizer_dir, tmp_path_factory.mktemp("pretok"))

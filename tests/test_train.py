@@ -7,63 +7,19 @@ copied from our own output.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-SEQ = 32
-TINY = ["--model_preset=debug", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
-        f"--max_seq_len={SEQ}", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2",
-        "--log_interval=1", "--eval_iters=2", "--tensorboard=false", "--valid_ratio=0.05"]
-
-
-@pytest.fixture(scope="session")
-def pretok_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """The Debian handbook (English) from the sample corpus, pretokenized and indexed."""
-    raw = tmp_path_factory.mktemp("raw")
-    (raw / "handbook_en.jsonl").write_bytes((ROOT / "data/sample/pretrain/handbook_en.jsonl").read_bytes())
-    out = tmp_path_factory.mktemp("pretok")
-    for module, args in [
-        ("data_preprocess.pretokenize_pretrain_data", [f"--data_dir={raw}", f"--tokenizer_dir={tokenizer_dir}",
-                                                       f"--out_dir={out}"]),
-        ("data_preprocess.build_pretrain_sample_index_map", [f"--data_dir={out}", f"--max_seq_len={SEQ}"]),
-    ]:
-        r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-    return out
+from train_utils import TINY, final_weights, losses, metrics, run_train
 
 
 def train(out_dir: Path, pretok_dir: Path, tokenizer_dir: Path, *args: str, env: dict | None = None,
-          check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train.py", "--task_type=pretrain", f"--data_dir={pretok_dir}",
-           f"--tokenizer_dir={tokenizer_dir}", f"--out_dir={out_dir}", *TINY, *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
-                       timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    return {row["iter"]: row["loss"] for row in metrics(out_dir) if "loss" in row}
-
-
-def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    from utils.checkpoint import latest_model_dir
-
-    return load_file(latest_model_dir(out_dir) / "model.safetensors")
+          check: bool = True):
+    return run_train(["--task_type=pretrain", f"--data_dir={pretok_dir}", f"--tokenizer_dir={tokenizer_dir}",
+                      f"--out_dir={out_dir}", *TINY, *args], env=env, check=check)
 
 
 def test_gradient_accumulation_splits_agree(tmp_path, pretok_dir, tokenizer_dir):

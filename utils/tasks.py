@@ -32,6 +32,7 @@ class LossSums:
 class Task(Protocol):
     train_set: Any
     valid_set: Any
+    metric_names: tuple[str, ...]  # keys of LossSums.metric_sums, the same on every rank
 
     def collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]: ...
 
@@ -46,6 +47,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 class LanguageModelingTask:
     """Next-token prediction over ``labels != -100``: pretraining, and SFT on masked labels."""
+
+    metric_names: tuple[str, ...] = ()
 
     def __init__(self, train_set: Any, valid_set: Any, collate_fn: Any = None) -> None:
         self.train_set = train_set
@@ -65,3 +68,96 @@ class LanguageModelingTask:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = model(**inputs, labels=batch["labels"], return_logits=False, loss_reduction="sum")
         return LossSums(out.loss.float(), self.count(batch))
+
+
+class OffsetIndex:
+    """A DPO split whose items' ``index`` is shifted by ``offset``, so the train and valid splits
+    share one reference table (valid rows after the train rows)."""
+
+    def __init__(self, dataset: Any, offset: int) -> None:
+        self.dataset, self.offset = dataset, offset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[i])
+        item["index"] = item["index"] + self.offset
+        return item
+
+
+class PreferenceTask:
+    """DPO / IPO / hinge on (prompt, chosen, rejected) pairs; the loss unit is one pair.
+
+    The reference log-probs come from a frozen copy of the ``--init_from`` weights — never the
+    resumed policy — or, with ``precompute_ref_logps``, from a ``[pairs, 2]`` table computed once
+    by that copy before it is dropped (rows indexed by each pair's ``index``).
+    """
+
+    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
+    def __init__(self, train_set: Any, valid_set: Any, collate_fn: Any, beta: float, loss_type: str,
+                 label_smoothing: float) -> None:
+        from utils.dpo import uses_average_logps
+
+        self.train_set = OffsetIndex(train_set, 0)
+        self.valid_set = OffsetIndex(valid_set, len(train_set))
+        self._collate = collate_fn
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.average = uses_average_logps(loss_type)
+        self.reference: nn.Module | None = None
+        self.reference_table: torch.Tensor | None = None
+
+    def set_reference(self, reference: nn.Module, precompute: bool, batch_size: int,
+                      device: torch.device) -> None:
+        """Freeze ``reference`` and use it directly, or only to fill the table and then drop it.
+
+        ``reference`` must be its own copy of the weights, not the policy being trained.
+        """
+        from utils.dpo import compute_reference_logps
+
+        reference.eval().requires_grad_(False)
+        if not precompute:
+            self.reference = reference
+            return
+        n = len(self.train_set) + len(self.valid_set)
+        batches = (
+            to_device(self.collate([split[i] for i in range(start, min(start + batch_size, len(split)))]), device)
+            for split in (self.train_set, self.valid_set)
+            for start in range(0, len(split), batch_size)
+        )
+        self.reference_table = compute_reference_logps(reference, batches, n, self.average)
+
+    def collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return self._collate(list(samples))
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["index"].numel())
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from utils.dpo import concatenated_logps
+
+        if self.reference is not None:
+            with torch.no_grad():
+                return concatenated_logps(self.reference, batch, self.average)
+        assert self.reference_table is not None, "set_reference() was not called"
+        rows = self.reference_table[batch["index"].cpu()].to(batch["index"].device)
+        return rows[:, 0], rows[:, 1]
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSums:
+        from utils.dpo import concatenated_logps, dpo_loss
+
+        policy_chosen, policy_rejected = concatenated_logps(model, batch, self.average)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+        )
+        margin = (chosen_rewards - rejected_rewards).float()
+        metric_sums = {
+            "rewards/chosen": chosen_rewards.float().sum(),
+            "rewards/rejected": rejected_rewards.float().sum(),
+            "rewards/accuracy": (margin > 0).float().sum(),
+            "rewards/margin": margin.sum(),
+        }
+        return LossSums(losses.float().sum(), self.count(batch), metric_sums)
