@@ -115,6 +115,8 @@ class ParallelConfig:
     bucket_size: int = opt(4_000_000, "elements per gradient bucket", min=1)
     powersgd_rank: int = opt(4, "PowerSGD low-rank approximation rank", min=1)
     powersgd_start_iter: int = opt(10, "PowerSGD: plain all-reduce before this iteration", min=0)
+    powersgd_min_compression_rate: float = opt(
+        2.0, "PowerSGD: reduce a matrix uncompressed unless rank-r factors shrink it this much", min=1.0)
     grad_reduce_in_fp32: bool = opt(True, "accumulate and reduce gradients in fp32")
 
 

@@ -60,3 +60,39 @@ def test_grad_accumulation_must_divide_by_world_size(tmp_path, pretok_dir, token
     r = run_train(pretrain_args(tmp_path / "x", pretok_dir, tokenizer_dir, "--gradient_accumulation_steps=3"),
                   nproc=2, check=False)
     assert r.returncode != 0 and "gradient_accumulation_steps=3 must divide" in r.stderr
+
+
+def run_straight_and_resumed(tmp_path: Path, args: list[str], nproc: int, total: int, split_at: int):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train([*args(straight), f"--max_iters={total}"], nproc=nproc)
+    run_train([*args(split), f"--max_iters={split_at}"], nproc=nproc)
+    run_train([f"--out_dir={split}", "--resume", f"--max_iters={total}"], nproc=nproc)
+    return straight, split
+
+
+def test_zero1_resume_on_same_world_size_is_exact(tmp_path, pretok_dir, tokenizer_dir):
+    def args(out):
+        return pretrain_args(out, pretok_dir, tokenizer_dir, "--use_distributed_optimizer", "--overlap_grad_reduce")
+
+    straight, split = run_straight_and_resumed(tmp_path, args, nproc=2, total=6, split_at=3)
+    assert losses(split) == losses(straight)
+
+
+def test_powersgd_trains_comparably_and_resumes_exactly(tmp_path, pretok_dir, tokenizer_dir, single_process):
+    """PowerSGD (rank 2, compressing from step 2) keeps its error feedback across a resume."""
+    def args(out):
+        return pretrain_args(out, pretok_dir, tokenizer_dir, "--comm_hook=powersgd", "--powersgd_rank=2",
+                             "--powersgd_start_iter=2", "--overlap_grad_reduce")
+
+    straight, split = run_straight_and_resumed(tmp_path, args, nproc=2, total=6, split_at=3)
+    assert losses(split) == losses(straight)
+    ref, ours = losses(single_process), losses(straight)
+    drop_ref, drop_ours = ref[1] - ref[6], ours[1] - ours[6]
+    assert drop_ours > 0.5 * drop_ref, (ref, ours)
+
+
+@pytest.mark.parametrize("hook", ["fp16", "bf16"])
+def test_compression_hooks_stay_close(tmp_path, pretok_dir, tokenizer_dir, single_process, hook):
+    out = tmp_path / hook
+    run_train(pretrain_args(out, pretok_dir, tokenizer_dir, f"--comm_hook={hook}"), nproc=2)
+    assert_close_series(losses(out), losses(single_process), atol=2e-2)
