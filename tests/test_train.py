@@ -89,3 +89,23 @@ def test_bad_input_is_a_clear_error(tmp_path, pretok_dir, tokenizer_dir):
     assert r.returncode == 2 and "data_dir" in r.stderr and "Traceback" not in r.stderr
     r = train(tmp_path / "y", pretok_dir, tokenizer_dir, "--resume", check=False)
     assert r.returncode == 2 and "no saved config" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_from_exported_hf_dir_continues_from_the_same_weights(tmp_path, pretok_dir, tokenizer_dir):
+    """Export a run to Hugging Face format, then start a new run from it: same validation loss."""
+    import subprocess
+    import sys
+
+    from train_utils import ROOT, column
+
+    run = tmp_path / "run"
+    train(run, pretok_dir, tokenizer_dir, "--max_iters=6", "--train_batch_size=8", "--eval_interval=6")
+    hf_dir = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "utils.export_hf", f"--out_dir={run}", f"--hf_dir={hf_dir}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.json").is_file()
+    again = tmp_path / "again"
+    train(again, pretok_dir, tokenizer_dir, f"--init_from={hf_dir}", "--max_iters=0", "--eval_interval=1",
+          "--train_batch_size=8")
+    assert column(again, "val_loss")[0] == pytest.approx(column(run, "val_loss")[6], abs=1e-6)
