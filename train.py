@@ -113,8 +113,10 @@ def build_task(cfg: Config, ctx: DistContext) -> Task:
             make = lambda split: PretokDatasetWithIndex(d.data_dir, m.max_seq_len, split, **split_args)  # noqa: E731
         return LanguageModelingTask(make("train"), make("valid"))
     if t.task_type == "sft":
-        from dataset.dataset_sft import SFTDataset
+        from dataset.dataset_sft import SFTDataset, check_record_format
 
+        if not (Path(d.data_dir) / "sft_meta.json").is_file():  # raw files, not pretokenized
+            check_record_format(d.data_dir, d.sft_type)
         train_set, valid_set = (
             SFTDataset(d.data_dir, m.max_seq_len, split, tokenizer_dir=d.tokenizer_dir,
                        packing=d.sft_packing, **split_args)

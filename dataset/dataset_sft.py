@@ -119,6 +119,28 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: cannot read file: {e}") from e
 
 
+RECORD_FORMATS = {"conversation": ("messages", "conversations"), "instruction": ("instruction",)}
+
+
+def check_record_format(data_dir: str | os.PathLike, sft_type: str) -> None:
+    """With ``--sft_type=conversation|instruction``, insist every record has that format.
+
+    The dataset itself accepts any mix of formats (``auto``); naming one catches a data directory
+    that holds the wrong files before any training time is spent. DataError names file:line.
+    """
+    if sft_type == "auto":
+        return
+    keys = RECORD_FORMATS[sft_type]
+    for path in list_sft_files(data_dir):
+        for where, record in iter_records(path):
+            if not isinstance(record, dict) or not any(k in record for k in keys):
+                found = sorted(record)[:6] if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    f"{where}: sft_type={sft_type} expects records with "
+                    f"{' or '.join(repr(k) for k in keys)}, found {found}; use --sft_type=auto for mixed data"
+                )
+
+
 def _is_json_array(path: Path) -> bool:
     with open(path, "rb") as f:
         while chunk := f.read(4096):

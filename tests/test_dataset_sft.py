@@ -405,3 +405,18 @@ def test_packed_rows_give_each_sample_its_unpacked_logits(raw_dir, tokenizer_dir
                 alone = model(plain[j]["input_ids"][None]).logits[0]
                 torch.testing.assert_close(logits[b][sel], alone, rtol=1e-4, atol=1e-5)
                 j += 1
+
+
+def test_sft_type_insists_on_one_record_format(tmp_path):
+    from dataset.dataset_sft import check_record_format
+    from utils.errors import DataError
+
+    (tmp_path / "a.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"instruction": "say hi", "input": "", "output": "hi"}\n'
+    )
+    check_record_format(tmp_path, "auto")
+    with pytest.raises(DataError, match=r"a.jsonl:2: sft_type=conversation expects"):
+        check_record_format(tmp_path, "conversation")
+    with pytest.raises(DataError, match=r"a.jsonl:1: sft_type=instruction expects"):
+        check_record_format(tmp_path, "instruction")
