@@ -83,7 +83,6 @@ class DataConfig:
     sft_type: str = opt("auto", "SFT record format: auto-detect per record, or require one",
                         choices=("auto", "conversation", "instruction"))
     sft_packing: bool = opt(False, "SFT: pack several samples per sequence")
-    num_workers: int = opt(0, "DataLoader worker processes", min=0)
 
 
 @dataclass
