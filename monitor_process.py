@@ -4,7 +4,10 @@
         -- torchrun --nproc_per_node=2 train.py config.json --out_dir=out/run1
 
 The training command runs in its own process group (its own session), so the monitor can signal
-every process it started — torchrun and all its ranks — at once and leave no orphans. Rules:
+it the way a terminal's Ctrl-C would. torchrun starts each rank in a session of its own, out of
+that group, so every attempt also gets a unique ``Z2ALL_MONITOR_RUN`` environment variable, which
+all its descendants inherit: SIGKILL sweeps reach every process carrying it, orphaned ranks
+included, and none survive. Rules:
 
 - exit status 0: training finished, the monitor exits 0 and never restarts it;
 - exit status 2: a configuration error (``ConfigError``), restarting cannot help: exit 2;
@@ -14,8 +17,9 @@ every process it started — torchrun and all its ranks — at once and leave no
   (``--backoff`` doubling per restart without progress, at most ``--max_backoff``);
 - give up (exit 1) after ``--max_restarts`` restarts, or when ``--crash_loop_restarts``
   consecutive runs ended without getting past the highest iteration seen so far;
-- SIGINT / SIGTERM to the monitor: forwarded to the whole group, ``--grace`` seconds to finish
-  (e.g. save a checkpoint), then SIGKILL for whatever is left; exit 128 + signal number.
+- SIGINT / SIGTERM to the monitor: forwarded to the command's process group (as a terminal's
+  Ctrl-C; torchrun passes it on to its ranks), ``--grace`` seconds to finish, then SIGKILL for
+  whatever is left, tagged orphans included; exit 128 + signal number.
 
 Progress is read from ``out_dir/heartbeat`` (see ``utils.metrics.touch_heartbeat``) and
 ``out_dir/metrics.jsonl``. Every event goes, with a timestamp, to the console and to
@@ -44,6 +48,7 @@ logger = get_logger("monitor")
 
 CONFIG_ERROR_EXIT = 2  # utils.errors.ConfigError.exit_code: never retried
 REMOTE_PGID_FILE = "monitor_remote.pgid"
+RUN_TAG_VAR = "Z2ALL_MONITOR_RUN"  # environment variable marking every process of one attempt
 _PROBE_SEPARATOR = "--z2all-monitor--"
 
 
@@ -255,11 +260,49 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds ``RUN_TAG_VAR=tag`` (Linux /proc).
+
+    Why not the process group: torchrun starts every rank with ``start_new_session=True``, so the
+    ranks are in groups of their own, and once torchrun dies (SIGKILLed by a hang kill, or by the
+    OOM killer) nothing links them to the run but what they inherited, their environment.
+    """
+    if not tag:
+        return []
+    needle = f"{RUN_TAG_VAR}={tag}".encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+        except OSError:  # gone, or another user's process
+            continue
+        if needle in environ and stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill_pids(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class StopFlag:
@@ -293,17 +336,31 @@ class Target:
     """Runs the command on this machine; :class:`RemoteTarget` overrides the hooks."""
 
     out_dir: str
+    run_tag: str = field(default="", init=False)  # RUN_TAG_VAR of the current attempt
+
+    def start(self, command: list[str], attempt: int) -> subprocess.Popen:
+        """Start ``command`` in a new session, its processes tagged with a fresh ``run_tag``."""
+        self.run_tag = f"{os.getpid()}.{attempt}.{time.time_ns()}"
+        env = {**os.environ, RUN_TAG_VAR: self.run_tag}
+        return subprocess.Popen(self.argv(command), start_new_session=True, env=env)
 
     def argv(self, command: list[str]) -> list[str]:
         return command
 
     def signal(self, proc: subprocess.Popen, sig: int) -> None:
-        """Deliver ``sig`` to every process of the run (the group ``proc`` leads)."""
+        """Deliver ``sig`` to the group ``proc`` leads, as a terminal's Ctrl-C would (torchrun
+        forwards it to its ranks)."""
         _killpg(proc.pid, sig)
 
     def kill(self, proc: subprocess.Popen) -> None:
-        """SIGKILL every process of the run, wherever it is."""
+        """SIGKILL every process of the run, wherever it is: the group, and every tagged process
+        (torchrun's ranks, in sessions of their own, orphaned or not)."""
         _killpg(proc.pid, signal.SIGKILL)
+        _kill_pids(tagged_pids(self.run_tag), signal.SIGKILL)
+
+    def alive(self, proc: subprocess.Popen) -> bool:
+        """Whether any process of the run is left (``proc`` itself may already have exited)."""
+        return proc.poll() is None or group_alive(proc.pid) or bool(tagged_pids(self.run_tag))
 
     def progress(self) -> Progress:
         return _read_local_progress(Path(self.out_dir))
@@ -315,8 +372,10 @@ class RemoteTarget(Target):
 
     The remote shell writes its pid — which is the remote process group id, since sshd starts
     every session in a new one — to ``out_dir/monitor_remote.pgid``, so the monitor can signal
-    the remote group (torchrun and all its ranks) with a second ssh call. ``ssh -tt`` also
-    ties the remote group to the connection: when ssh dies, the remote side gets SIGHUP.
+    the remote group with a second ssh call. The script also exports the attempt's
+    ``RUN_TAG_VAR``, so a SIGKILL sweep finds torchrun's ranks (in sessions of their own) by their
+    environment, as locally. ``ssh -tt`` also ties the remote group to the connection: when ssh
+    dies, the remote side gets SIGHUP.
     """
 
     host: str = ""
@@ -334,12 +393,20 @@ class RemoteTarget(Target):
     def argv(self, command: list[str]) -> list[str]:
         out = shlex.quote(self.out_dir)
         return self._remote(
-            f"mkdir -p {out} && echo $$ > {out}/{REMOTE_PGID_FILE} && exec {shlex.join(command)}"
+            f"mkdir -p {out} && echo $$ > {out}/{REMOTE_PGID_FILE} && "
+            f"export {RUN_TAG_VAR}={shlex.quote(self.run_tag)} && exec {shlex.join(command)}"
         )
 
     def signal_command(self, sig: int) -> list[str]:
+        """ssh command that sends ``sig`` to the remote group; a SIGKILL also goes to every
+        remote process tagged with this attempt's ``RUN_TAG_VAR`` (POSIX sh + GNU grep)."""
         pgid_file = f"{shlex.quote(self.out_dir)}/{REMOTE_PGID_FILE}"
-        return self._remote(f"kill -{int(sig)} -- -$(cat {pgid_file}) 2>/dev/null; true")
+        script = f"kill -{int(sig)} -- -$(cat {pgid_file}) 2>/dev/null; "
+        if sig == signal.SIGKILL and self.run_tag:
+            tag = shlex.quote(f"{RUN_TAG_VAR}={self.run_tag}")
+            script += (f"for e in /proc/[0-9]*/environ; do grep -qxzF {tag} \"$e\" 2>/dev/null && "
+                       'p=${e#/proc/} && kill -9 "${p%/environ}" 2>/dev/null; done; ')
+        return self._remote(script + "true")
 
     def probe_command(self) -> list[str]:
         out = shlex.quote(self.out_dir)
@@ -417,11 +484,11 @@ class Supervisor:
         self.target.signal(proc, sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self.stop.count == signals_seen:
-            if proc.poll() is not None and not group_alive(proc.pid):
+            if not self.target.alive(proc):
                 return
             time.sleep(0.05)
-        if proc.poll() is None or group_alive(proc.pid):
-            logger.warning("process group %d still alive: sending SIGKILL", proc.pid)
+        if self.target.alive(proc):
+            logger.warning("processes of the run (group %d) still alive: sending SIGKILL", proc.pid)
         self._kill_group(proc)
 
     def _kill_group(self, proc: subprocess.Popen) -> None:
@@ -433,7 +500,7 @@ class Supervisor:
         cfg = self.config
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(self.target.argv(command), start_new_session=True)
+            proc = self.target.start(command, attempt)
         except OSError as e:
             raise ConfigError(f"cannot start the training command {command[0]!r}: {e}") from e
         logger.info("attempt %d: started pid %d: %s", attempt, proc.pid, shlex.join(command))
@@ -464,10 +531,11 @@ class Supervisor:
                     self._kill_group(proc)
                     return Attempt(returncode=proc.returncode, hung=True)
             time.sleep(0.05)
-        if group_alive(proc.pid):
-            logger.warning("attempt %d: processes left in group %d after exit: killing them",
-                           attempt, proc.pid)
-        if proc.returncode != 0 or group_alive(proc.pid):
+        leftovers = self.target.alive(proc)
+        if leftovers:
+            logger.warning("attempt %d: processes of the run left after pid %d exited: "
+                           "killing them", attempt, proc.pid)
+        if proc.returncode != 0 or leftovers:
             self._kill_group(proc)  # leftover ranks (local or remote) must not outlive a run
         logger.info("attempt %d: %s after %.1f s", attempt, describe_exit(proc.returncode),
                     time.monotonic() - started)
