@@ -283,7 +283,7 @@ def train(argv: list[str]) -> int:
 
 def run(cfg: Config, ctx: DistContext) -> int:
     from dataset.sampler import GlobalBatchSampler
-    from tokenizer.tokenization import load_tokenizer, padded_vocab_size
+    from tokenizer.tokenization import load_backend_tokenizer, padded_vocab_size
 
     o, c = cfg.optim, cfg.ckpt
     seed_everything(cfg.task.seed + ctx.rank)
@@ -292,7 +292,7 @@ def run(cfg: Config, ctx: DistContext) -> int:
         # A run that died before its first save: the monitor adds --resume to every restart.
         logger.warning("--resume: no valid checkpoint under %s yet; starting from iteration 0",
                        ckpt.checkpoint_root(c.out_dir))
-    vocab_size = padded_vocab_size(len(load_tokenizer(cfg.data.tokenizer_dir)))
+    vocab_size = padded_vocab_size(load_backend_tokenizer(cfg.data.tokenizer_dir).get_vocab_size())
     task = build_task(cfg, ctx)
     weights = resume_from / ckpt.MODEL_SUBDIR if resume_from else cfg.task.init_from
     model = build_model(cfg, vocab_size, ctx, weights)

@@ -57,7 +57,13 @@ from data_preprocess.token_file import (
     token_dtype,
     write_meta,
 )
-from tokenizer.tokenization import BOS_ID, EOS_ID, SPECIAL_TOKENS, tokenizer_fingerprint
+from tokenizer.tokenization import (
+    BOS_ID,
+    EOS_ID,
+    SPECIAL_TOKENS,
+    load_backend_tokenizer,
+    tokenizer_fingerprint,
+)
 from utils.errors import DataError, UserError, run_cli
 from utils.logging_utils import get_logger, setup_logging
 
@@ -69,32 +75,6 @@ BATCH_DOCS = 1024
 
 # ---------------------------------------------------------------------------------------------
 # Encoding (runs in the main process or in pool workers).
-
-
-def load_backend_tokenizer(tokenizer_dir: str | os.PathLike) -> tokenizers.Tokenizer:
-    """The Rust tokenizer of a zero2all tokenizer directory, from its ``tokenizer.json``.
-
-    Pretokenization needs only this, and skipping ``transformers.AutoTokenizer`` keeps torch out
-    of the process (about 250 MB less peak memory). The special ids are checked like
-    ``tokenizer.tokenization.load_tokenizer`` does; tests check the ids equal ``encode_untrusted``.
-    """
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(
-            f"{path.parent}: not a tokenizer directory (no tokenizer.json); train one "
-            "with `python -m tokenizer.train_tokenizer`"
-        )
-    try:
-        tokenizer = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-        raise DataError(f"{path}: cannot load tokenizer: {e}") from e
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected_id:
-            raise DataError(
-                f"{path}: special token {token!r} has id {tokenizer.token_to_id(token)}, "
-                f"expected {expected_id}; this is not a zero2all tokenizer"
-            )
-    return tokenizer
 
 
 @dataclass(frozen=True)
