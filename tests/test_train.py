@@ -84,6 +84,22 @@ def test_low_precision_trains(tmp_path, pretok_dir, tokenizer_dir, dtype):
     assert all(w.dtype == getattr(torch, dtype) for w in weights.values())
 
 
+def test_fp16_overflow_skips_steps_lowers_the_scale_and_trains_on(tmp_path, pretok_dir, tokenizer_dir):
+    """A loss scale of 2**30 overflows fp16 gradients: those steps are skipped, the scale halves
+    until gradients are finite, and training then proceeds."""
+    out = tmp_path / "fp16"
+    train(out, pretok_dir, tokenizer_dir, "--max_iters=16", "--train_batch_size=8", "--dtype=float16",
+          "--initial_loss_scale=1073741824", "--eval_interval=16")
+    rows = [r for r in metrics(out) if "loss" in r]
+    scales = [r["loss_scale"] for r in rows]
+    skipped = [r["skipped_steps"] for r in rows]
+    assert scales[0] == 2.0**30 and scales[-1] < 2.0**30
+    assert all(b == a / 2 or b == a for a, b in zip(scales, scales[1:]))
+    assert 0 < skipped[-1] < 16 and skipped == sorted(skipped)
+    val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert val[-1] < val[0]
+
+
 def test_bad_input_is_a_clear_error(tmp_path, pretok_dir, tokenizer_dir):
     r = train(tmp_path / "x", tmp_path / "missing", tokenizer_dir, "--max_iters=1", check=False)
     assert r.returncode == 2 and "data_dir" in r.stderr and "Traceback" not in r.stderr
