@@ -334,8 +334,12 @@ def save_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
     path = Path(out_dir) / CONFIG_FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
+    saved = cfg.to_dict()
+    # `resume` describes one invocation, not the experiment: a saved config must be able to
+    # start a fresh run (python train.py OUT/exp_config.json --out_dir=NEW).
+    saved["ckpt"]["resume"] = False
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg.to_dict(), f, indent=2, ensure_ascii=False)
+        json.dump(saved, f, indent=2, ensure_ascii=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -78,6 +78,9 @@ def setup_run(argv: list[str]) -> tuple[Config, DistContext]:
 
 def validate_run_config(cfg: Config) -> None:
     """Checks that need the task: required paths exist, flag combinations make sense."""
+    from model.kernels import get_kernels
+
+    get_kernels(cfg.model.kernels)  # e.g. --kernels=triton without CUDA: an error before any output
     d, t, p = cfg.data, cfg.task, cfg.parallel
     required = ["tokenizer_dir"] + ([] if d.data_mix else ["data_dir"])
     for key in required:
@@ -228,7 +231,7 @@ def train_step(
             optimizer.scale_loss(out.loss_sum * scale).backward()
         for key, value in {"loss": out.loss_sum, **out.metric_sums}.items():
             sums[key] += value.detach().double().cpu()
-    if hasattr(model, "finish_grad_sync"):
+    if hasattr(model, "finish_grad_sync") and not getattr(optimizer, "owns_grad_sync", False):
         model.finish_grad_sync()
     maybe_inject("step", iteration, ctx.rank)  # fault-injection tests: die between backward and step
     result = optimizer.step(lr)

@@ -125,3 +125,21 @@ def test_init_from_exported_hf_dir_continues_from_the_same_weights(tmp_path, pre
     train(again, pretok_dir, tokenizer_dir, f"--init_from={hf_dir}", "--max_iters=0", "--eval_interval=1",
           "--train_batch_size=8")
     assert column(again, "val_loss")[0] == pytest.approx(column(run, "val_loss")[6], abs=1e-6)
+
+
+def test_triton_kernels_without_cuda_fail_before_writing_anything(tmp_path, pretok_dir, tokenizer_dir):
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, --kernels=triton is valid")
+    out = tmp_path / "run"
+    r = train(out, pretok_dir, tokenizer_dir, "--kernels=triton", env={"TRITON_INTERPRET": "0"}, check=False)
+    assert r.returncode == 2 and "triton" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_saved_config_starts_a_new_run_after_a_resume(tmp_path, pretok_dir, tokenizer_dir):
+    run = tmp_path / "run"
+    train(run, pretok_dir, tokenizer_dir, "--max_iters=2", "--eval_interval=0")
+    train(run, pretok_dir, tokenizer_dir, "--resume", "--max_iters=3")
+    fresh = tmp_path / "fresh"
+    run_train([str(run / "exp_config.json"), f"--out_dir={fresh}", "--max_iters=1"])
+    assert losses(fresh)[1] == losses(run)[1]

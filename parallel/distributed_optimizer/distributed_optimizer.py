@@ -158,6 +158,10 @@ class DistributedOptimizer:
     :meth:`finish_param_sync`. Build it after wrapping, on every rank (also with one rank).
     """
 
+    # step() finishes the gradient reduce-scatters itself (bucket by bucket with
+    # overlap_optim_step), so the training loop must not call the DDP's finish_grad_sync first.
+    owns_grad_sync = True
+
     def __init__(
         self,
         ddp: DistributedDataParallel,
