@@ -1,17 +1,24 @@
 """Training throughput of our model vs transformers' LlamaForCausalLM, and FLOP/s vs a GEMM roof.
 
 One training step = forward + backward + AdamW step, same config, batch, optimizer and thread
-count for both models. Modes: fp32 eager, fp32 torch.compile, bf16 autocast (eager). Runs of
-the two implementations are interleaved (order alternating per repeat) so machine noise hits
-both alike; each cell is the median over repeats.
+count for both models. Modes: fp32 eager, fp32 torch.compile, bf16 autocast (eager). Within a
+cell every contestant (ours, HF, the GEMM roof; in compile mode also HF eager) is timed once
+per repeat, in an order that rotates from repeat to repeat, so machine noise hits all alike;
+each number is the median over repeats.
 
     python -m benchmarks.bench_model                 # both sizes, all modes (minutes on a CPU)
     python -m benchmarks.bench_model --quick         # small size, eager + bf16, short
     python -m benchmarks.bench_model --sizes=medium --modes=eager,compile --repeats=5
+    python -m benchmarks.bench_model --threads=1 --clock=cpu   # robust on a shared machine
 
-Columns: tokens/s of ours and of HF (sdpa attention), their ratio, our achieved model FLOP/s
-(6N + 12 L H Q T per token, model/flops.py) and its fraction of the measured fp32 GEMM roof
-(median FLOP/s of a large square fp32 matmul on the same threads).
+Columns (markdown): tokens/s of ours and of HF (sdpa attention) and their ratio; in compile
+rows also ours (compiled) over HF eager; our achieved model FLOP/s (6N + 12 L H Q T per token,
+model/flops.py), the fp32 GEMM roof (FLOP/s of a 2048^3 fp32 matmul on the same threads,
+measured between the runs of the cell) and our fraction of it.
+
+--clock=cpu times process CPU seconds instead of wall seconds. With --threads=1 that is the
+work done, whatever other jobs take the cores meanwhile; with more threads it also counts
+OpenMP threads spinning at barriers, so use it with --threads=1.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ VOCAB = 8192
 
 
 def build_models(size: str, mode: str) -> dict[str, torch.nn.Module]:
-    """Ours and HF's Llama with the same architecture (and the same initial weights)."""
+    """Ours and HF's Llama with the same architecture (and the same initial weights); in
+    compile mode both compiled, plus an eager HF copy ("hf eager") as the baseline."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape, _, seq_len = SIZES[size]
@@ -55,7 +63,10 @@ def build_models(size: str, mode: str) -> dict[str, torch.nn.Module]:
     hf.load_state_dict(ours.state_dict())
     models = {"ours": ours.train(), "hf": hf.train()}
     if mode == "compile":
+        hf_eager = LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+        hf_eager.load_state_dict(ours.state_dict())
         models = {name: torch.compile(m) for name, m in models.items()}
+        models["hf eager"] = hf_eager.train()
     return models
 
 
@@ -79,37 +90,42 @@ def make_step(
     return step
 
 
-def gemm_roof(n: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of an n x n x n fp32 matmul (2 n^3 FLOPs) on the current threads."""
+GEMM_N = 2048  # the roof: an n x n x n fp32 matmul, 2 n^3 FLOPs
+
+
+def make_gemm(n: int = GEMM_N) -> Callable[[], None]:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    return lambda: a @ b
 
 
-def bench_cell(size: str, mode: str, steps: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Median tokens/s of ours and HF for one (size, mode), runs interleaved."""
+def bench_cell(
+    size: str, mode: str, steps: int, warmup: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median tokens/s of each model and median FLOP/s of the GEMM roof for one (size, mode).
+
+    Each repeat times every contestant once (`steps` optimizer steps, or 3 GEMMs), the order
+    rotating per repeat.
+    """
     _, batch, seq_len = SIZES[size]
     torch.manual_seed(0)
     models = build_models(size, mode)
     x = torch.randint(0, VOCAB, (batch, seq_len))
     y = torch.cat((x[:, 1:], torch.full((batch, 1), -100)), dim=1)
-    step_fns = {name: make_step(name, m, mode, x, y) for name, m in models.items()}
-    for fn in step_fns.values():
+    fns = {name: make_step(name.split()[0], m, mode, x, y) for name, m in models.items()}
+    fns["roof"] = make_gemm()
+    work = {name: batch * seq_len * steps for name in models}  # tokens per timed run
+    work["roof"] = 2 * GEMM_N**3 * 3  # FLOPs per timed run
+    for fn in fns.values():
         for _ in range(warmup):  # includes compilation for mode=compile
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in step_fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for r in range(repeats):
-        order = list(step_fns) if r % 2 == 0 else list(reversed(step_fns))
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step_fns[name]()
-            samples[name].append(batch * seq_len * steps / (time.perf_counter() - t0))
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = clock()
+            for _ in range(3 if name == "roof" else steps):
+                fns[name]()
+            samples[name].append(work[name] / (clock() - t0))
     result = {name: statistics.median(v) for name, v in samples.items()}
     ours = models["ours"]
     result["flops_per_token"] = flops_per_token(getattr(ours, "_orig_mod", ours), seq_len)
@@ -124,6 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="default: torch's default")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall seconds, or process CPU seconds (robust to other jobs with --threads=1)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="small size, eager + bf16, 2 repeats of 2 steps"
     )
@@ -150,25 +172,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    roof = gemm_roof()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(
-        f"threads={torch.get_num_threads()}  fp32 GEMM roof (2048^3): {roof / 1e9:.1f} GFLOP/s  "
-        f"kernels: {get_kernels('auto').describe()}"
+        f"threads={torch.get_num_threads()}  clock={args.clock}  steps={args.steps}  "
+        f"repeats={args.repeats}  kernels: {get_kernels('auto').describe()}\n"
     )
-    header = (
-        f"{'size':<7} {'mode':<8} {'ours tok/s':>11} {'HF tok/s':>11} {'ratio':>6} "
-        f"{'ours GFLOP/s':>13} {'of roof':>8}"
+    print(
+        "| size | mode | ours tok/s | HF tok/s | ours / HF | ours / HF eager "
+        "| ours GFLOP/s | roof GFLOP/s | of roof |"
     )
-    print(header)
-    print("-" * len(header))
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
+        _, batch, seq_len = SIZES[size]
         for mode in args.modes:
-            r = bench_cell(size, mode, args.steps, args.warmup, args.repeats)
+            r = bench_cell(size, mode, args.steps, args.warmup, args.repeats, clock)
             achieved = r["ours"] * r["flops_per_token"]
+            vs_eager = f"{r['ours'] / r['hf eager']:.2f}" if "hf eager" in r else "-"
             print(
-                f"{size:<7} {mode:<8} {r['ours']:>11.0f} {r['hf']:>11.0f} "
-                f"{r['ours'] / r['hf']:>6.2f} "
-                f"{achieved / 1e9:>13.1f} {achieved / roof:>8.1%}",
+                f"| {size} (B={batch}, T={seq_len}) | {mode} | {r['ours']:.0f} | {r['hf']:.0f} "
+                f"| {r['ours'] / r['hf']:.2f} | {vs_eager} | {achieved / 1e9:.1f} "
+                f"| {r['roof'] / 1e9:.1f} | {achieved / r['roof']:.1%} |",
                 flush=True,
             )
 

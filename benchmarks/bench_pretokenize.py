@@ -11,6 +11,8 @@ of ``--source_dir`` (the bundled sample corpus), then prints a table:
   a fresh subprocess; peak RSS is the sum over that process and its workers.
 
 MB/s counts input-file bytes per second in every row, so the ratios compare like with like.
+With ``--repeats=R`` the raw encoder and each worker count run once per round in an order that
+rotates per round, and every cell is the median over the rounds (peak RSS: the maximum).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -122,48 +125,53 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--source_dir", default=str(ROOT / "data" / "sample" / "pretrain"))
     parser.add_argument("--work_dir", default="/tmp/z2all_bench_pretokenize")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds; medians over rounds are printed"
+    )
     args = parser.parse_args()
 
     work = Path(args.work_dir)
     raw = work / "raw"
     size = generate_input(Path(args.source_dir), raw / "corpus.jsonl", args.size_mb)
     mb = size / 2**20
-    print(f"input: {raw / 'corpus.jsonl'} ({mb:.1f} MB)", flush=True)
+    print(f"input: {raw / 'corpus.jsonl'} ({mb:.1f} MB), {args.repeats} round(s)", flush=True)
 
-    raw_s, raw_tokens = raw_encode_throughput(Path(args.tokenizer_dir), raw / "corpus.jsonl")
-    rows = [("raw encode_batch", "-", mb / raw_s, raw_tokens / raw_s / 1e6, 1.0, float("nan"))]
-    for workers in (int(w) for w in args.workers.split(",")):
-        out, rss_mb = run_measured(
-            [
-                sys.executable,
-                "-c",
-                _CHILD,
-                str(raw),
-                args.tokenizer_dir,
-                str(work / "out"),
-                str(workers),
-            ]
-        )
-        r = json.loads(out.strip().splitlines()[-1])
-        assert r["tokens"] == raw_tokens, (r["tokens"], raw_tokens)
-        rows.append(
-            (
-                "pretokenize",
-                str(workers),
-                mb / r["seconds"],
-                r["tokens"] / r["seconds"] / 1e6,
-                raw_s / r["seconds"],
-                rss_mb,
-            )
-        )
+    # Each round times raw encoding and every worker count once, the order rotating per round,
+    # so a busy spell on a shared machine does not land on one contestant only.
+    contestants = ["raw"] + [int(w) for w in args.workers.split(",")]
+    seconds: dict = {c: [] for c in contestants}
+    peak_rss: dict = {c: 0.0 for c in contestants}
+    token_counts = set()  # raw encoding and every pipeline run must agree
+    for r in range(args.repeats):
+        k = r % len(contestants)
+        for c in contestants[k:] + contestants[:k]:
+            if c == "raw":
+                s, tokens = raw_encode_throughput(Path(args.tokenizer_dir), raw / "corpus.jsonl")
+                seconds[c].append(s)
+                token_counts.add(tokens)
+                continue
+            cmd = [sys.executable, "-c", _CHILD, str(raw), args.tokenizer_dir, str(work / "out")]
+            out, rss_mb = run_measured(cmd + [str(c)])
+            result = json.loads(out.strip().splitlines()[-1])
+            seconds[c].append(result["seconds"])
+            peak_rss[c] = max(peak_rss[c], rss_mb)
+            token_counts.add(result["tokens"])
+    assert len(token_counts) == 1, f"token counts differ: {token_counts}"
+    raw_tokens = token_counts.pop()
 
+    raw_s = statistics.median(seconds["raw"])
     print("\n| mode | workers | MB/s | Mtok/s | x raw | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
-    for mode, workers, mbs, mtoks, ratio, rss in rows:
-        rss_text = "-" if rss != rss else f"{rss:.0f}"
-        print(f"| {mode} | {workers} | {mbs:.2f} | {mtoks:.2f} | {ratio:.2f} | {rss_text} |")
+    for c in contestants:
+        t = statistics.median(seconds[c])
+        mode, workers, rss = ("raw encode_batch", "-", "-") if c == "raw" else (
+            "pretokenize", str(c), f"{peak_rss[c]:.0f}"
+        )
+        print(
+            f"| {mode} | {workers} | {mb / t:.2f} | {raw_tokens / t / 1e6:.2f} "
+            f"| {raw_s / t:.2f} | {rss} |"
+        )
     shutil.rmtree(work)
-
 
 if __name__ == "__main__":
     main()

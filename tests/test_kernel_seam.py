@@ -236,3 +236,29 @@ def test_model_with_triton_kernels_matches_torch_kernels():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_logits", [7 * 37, 2**22])  # several ragged chunks, and one
+def test_torch_linear_cross_entropy_equals_the_plain_formula(monkeypatch, dtype, chunk_logits):
+    """The chunked torch reference (hand-written backward) against F.cross_entropy on full logits."""
+    from model.kernels import torch_ref
+
+    monkeypatch.setattr(torch_ref, "CHUNK_LOGITS", chunk_logits)
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 29, 11, 37
+    h = torch.randn(N, D, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, D, generator=g, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -100
+    ours = torch_ref.linear_cross_entropy(h, w, t)
+    (gh, gw) = torch.autograd.grad(ours * 1.7, (h, w))
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h2, w2).float(), t, reduction="sum")
+    (rh, rw) = torch.autograd.grad(ref * 1.7, (h2, w2))
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.float(), ref.float(), **tol)
+    torch.testing.assert_close(gh, rh, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
+    all_ignored = torch.full((N,), -100)
+    assert float(torch_ref.linear_cross_entropy(h, w, all_ignored).detach()) == 0.0

@@ -3,7 +3,9 @@
 These are the oracles: the obvious, slow-but-correct code the Triton kernels
 (`triton_*.py`) must equal, and the path every CPU run takes. Each function follows the
 Hugging Face Llama numerics exactly, so a model built from them matches
-`transformers.LlamaForCausalLM` to float rounding.
+`transformers.LlamaForCausalLM` to float rounding. One exception to "obvious":
+`linear_cross_entropy` is chunked with a hand-written backward (the CPU training hot spot
+besides the matmuls); its docstring gives the one-line formula it equals.
 """
 
 from __future__ import annotations
@@ -43,14 +45,89 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+# Rows per chunk in linear_cross_entropy: CHUNK_LOGITS // V, so one chunk's fp32 logits take
+# 16 MiB (512 rows at V = 8192), small enough to stay in a server CPU's last-level cache across
+# the softmax passes, large enough that the chunk matmuls run at full speed.
+CHUNK_LOGITS = 2**22
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked LM head + cross-entropy whose gradients are finished in the forward pass."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        N, V = hidden.shape[0], weight.shape[0]
+        chunk = max(1, CHUNK_LOGITS // V)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        # fp32 accumulation over chunks whatever the compute dtype (no pile-up of bf16 rounding)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, N, chunk):
+            rows = slice(start, start + chunk)
+            h, t = hidden[rows], targets[rows]  # (C, D), (C,)
+            keep = t != ignore_index
+            t = torch.where(keep, t, 0)  # any valid index; these rows are masked below
+            probs = (h @ weight.T).float()  # (C, V) logits, fp32 for the softmax
+            target_logit = probs.gather(1, t[:, None])  # (C, 1), read before probs is reused
+            shift = probs.amax(1, keepdim=True)
+            probs.sub_(shift).exp_()  # in place: exp(logits - max)
+            total = probs.sum(1, keepdim=True)
+            row_loss = (total.log() + shift - target_logit).squeeze(1)  # logsumexp - logit[t]
+            loss += torch.where(keep, row_loss, 0.0).sum()
+            if not need_grad:
+                continue
+            probs.div_(total)  # softmax
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+            probs.mul_(keep[:, None])  # ignored rows: no gradient
+            dlogits = probs.to(hidden.dtype)  # (C, V) compute dtype for the matmuls
+            grad_hidden[rows] = dlogits @ weight  # (C, D)
+            if dlogits.dtype == grad_weight.dtype:
+                grad_weight.addmm_(dlogits.T, h)  # (V, D)
+            else:
+                grad_weight += dlogits.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        assert grad_hidden is not None, "linear_cross_entropy: forward ran without gradients"
+        g = grad_output.detach()
+        return grad_hidden * g, (grad_weight * g).to(grad_hidden.dtype), None, None, None
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
     """SUM over rows with targets != ignore_index of CE(hidden @ weight.T, targets).
 
-    hidden: [N, D]; weight: [V, D] (the LM head); targets: [N] int64. Returns an fp32 scalar.
-    This reference materialises the full [N, V] logits in fp32; the fused Triton version
-    computes the same sum chunk by chunk without ever holding them.
+    hidden: [N, D]; weight: [V, D] (the LM head); targets: [N] int64. Returns an fp32 scalar,
+    equal to ``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")``.
+
+    Same algorithm as the Triton kernel (model/kernels/triton_cross_entropy.py), in torch ops:
+    the rows are walked in chunks of ``CHUNK_LOGITS // V``; per chunk the logits are computed,
+    turned in place into ``softmax - onehot(target)``, and multiplied straight into the gradients
+    of hidden and weight, which backward only scales by the incoming gradient. The plain formula
+    holds three [N, V] fp32 tensors (logits, log-probabilities, their gradient) and makes about
+    six passes over them; on a CPU that was ~10% of a training step of a small model.
+
+    Under autocast the matmuls run in the autocast dtype (as F.linear would), the softmax in
+    fp32; gradients come back in the inputs' dtypes.
     """
-    logits = F.linear(hidden, weight).float()  # (N, V)
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    device_type = hidden.device.type
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # The casts sit outside the Function so autograd returns gradients in the callers' dtypes.
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(
+            hidden.to(dtype), weight.to(dtype), targets.reshape(-1), ignore_index, need_grad
+        )
