@@ -19,6 +19,10 @@ class ConstantLossScaler:
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = float(scale)
 
+    def scale_loss(self, loss: "torch.Tensor") -> "torch.Tensor":
+        """The loss times the current scale, to call ``backward()`` on (unchanged at scale 1)."""
+        return loss * self.scale if self.scale != 1.0 else loss
+
     def update(self, found_inf: bool) -> None:
         pass
 

@@ -88,9 +88,7 @@ class MixedPrecisionOptimizer:
 
     # -- the loss side ---------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Multiply the loss by the current loss scale before ``backward()``."""
-        scale = self.loss_scaler.scale
-        return loss * scale if scale != 1.0 else loss
+        return self.loss_scaler.scale_loss(loss)
 
     def zero_grad(self) -> None:
         for p in self.model_params:

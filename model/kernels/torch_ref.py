@@ -51,6 +51,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 CHUNK_LOGITS = 2**22
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: the autocast dtype when autocast is on, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked LM head + cross-entropy whose gradients are finished in the forward pass."""
 
@@ -122,9 +128,7 @@ def linear_cross_entropy(
     fp32; gradients come back in the inputs' dtypes.
     """
     device_type = hidden.device.type
-    dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = matmul_dtype(hidden)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     # The casts sit outside the Function so autograd returns gradients in the callers' dtypes.
     with torch.autocast(device_type, enabled=False):

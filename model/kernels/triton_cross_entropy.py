@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from model.kernels.torch_ref import matmul_dtype
 from model.kernels.triton_utils import cast_rtne
 
 # Largest vocab block one program holds in registers at a time (tests lower it to exercise the
@@ -227,9 +228,7 @@ def linear_cross_entropy(
     targets = targets.reshape(-1)
     _check_targets(targets, N, V, ignore_index)
     device_type = hidden.device.type
-    dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = matmul_dtype(hidden)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     # The .to() casts sit outside the Function so autograd returns grads in the callers' dtypes.
     with torch.autocast(device_type, enabled=False):

@@ -294,8 +294,7 @@ class DistributedOptimizer:
 
     # -- the loss side -----------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        scale = self.loss_scaler.scale
-        return loss * scale if scale != 1.0 else loss
+        return self.loss_scaler.scale_loss(loss)
 
     def zero_grad(self) -> None:
         """Gradients live in the DDP buffer (``ddp.zero_grad_buffer()`` zeroes them)."""
