@@ -389,8 +389,15 @@ class Z2allForCausalLM(nn.Module):
                     reduction="sum",
                 )
             else:
+                rows, row_targets = h.flatten(0, 1), targets  # (B*T, D), (B*T,)
+                if not torch.compiler.is_compiling() and 2 * num_tokens < targets.numel():
+                    # SFT and DPO label only the replies: most rows are prompt or padding, so
+                    # skip their LM-head work (the largest matmul of a small model). The check
+                    # syncs with the device and the shape is data-dependent: eager mode only.
+                    keep = targets != IGNORE_INDEX
+                    rows, row_targets = rows[keep], targets[keep]
                 loss = self.kernels.linear_cross_entropy(
-                    h.flatten(0, 1), self.lm_head.weight, targets, IGNORE_INDEX
+                    rows, self.lm_head.weight, row_targets, IGNORE_INDEX
                 )
             if loss_reduction == "mean":
                 loss = loss / num_tokens.clamp(min=1)  # all-ignored batch -> 0, not NaN

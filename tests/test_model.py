@@ -1,5 +1,6 @@
 """The model against transformers' LlamaForCausalLM, plus its own invariants (fp32, CPU, tiny)."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -173,6 +174,31 @@ def test_loss_is_mean_over_unignored_shifted_labels():
     total = model(x, labels=y, loss_reduction="sum")
     torch.testing.assert_close(total.loss, manual * keep.sum())
     assert model(x, labels=torch.full_like(x, -100)).loss.item() == 0.0
+
+
+def test_mostly_ignored_labels_skip_lm_head_rows_with_same_loss_and_grads(monkeypatch):
+    """SFT-like labels (replies only): the fused path sends only the labelled rows through the
+    LM head, and gives the plain formula's loss and gradients."""
+    torch.manual_seed(0)
+    model = Z2allForCausalLM(tiny())
+    x = torch.randint(0, V, (3, 16))
+    y = torch.full_like(x, -100)
+    y[:, 12:] = shifted(x)[:, 12:]  # at most 12 of 48 positions labelled
+    y[2, 15] = -100
+    rows_seen = []
+    inner = model.kernels.linear_cross_entropy
+    monkeypatch.setattr(model, "kernels", dataclasses.replace(
+        model.kernels, linear_cross_entropy=lambda h, *a: rows_seen.append(len(h)) or inner(h, *a)))
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        loss = model(x, labels=y, return_logits=return_logits).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert rows_seen == [int((y != -100).sum())] and rows_seen[0] < x.numel() // 2
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_same_gradients():
