@@ -1,30 +1,47 @@
 """Build the bundled SFT and DPO sample sets: generated, verifiable tasks in English and Chinese.
 
-    python -m data.build_sft_data [--out_dir=data] [--seed=0]
+    python -m data.build_sft_data [--out_dir=data] [--seed=0] [--tasks=all|TIER|TASK,...]
 
 Writes ``OUT/sample_sft/{train,heldout}.jsonl``, ``OUT/sample_dpo/{train,heldout}.jsonl`` and a
 ``PROVENANCE.md`` in each. Every question has one short, exactly checkable answer, so a tiny model
-trained on a CPU can be scored by :func:`exact_match`:
+trained on a CPU can be scored by :func:`exact_match`. The tasks form a ladder in three tiers, by
+what a model must do to answer them:
 
-==========  ===============================================  ====================================
-task        example (en / zh)                                 rejected reply in DPO pairs
-==========  ===============================================  ====================================
-add         What is 123 + 45? / 计算 123 + 45。                 one digit off (+-1, +-10, +-100)
-sub         What is 123 - 45? / 123 减 45 等于多少？             one digit off
-next        What number comes after 57? / 57 的下一个数是几？     n - 1 or n + 2
-larger      Which is larger, 31 or 87? / 31 和 87 哪个大？        the smaller one
-convert     Convert 3 km to meters. / 3 千米等于多少米？          wrong factor or wrong unit
-reverse     Reverse the string 'abc'. / 把字符串“abc”倒过来写。    two letters swapped, or unreversed
-upper       Convert 'abc' to uppercase. / 把“abc”转换成大写字母。   only the first letter upper-cased
-count       How many times does 'a' appear in 'banana'? / ...  the count +- 1
-==========  ===============================================  ====================================
+=============  ============================================  ===================================
+task           example (en / zh)                             rejected reply in DPO pairs
+=============  ============================================  ===================================
+*lookup*: read one digit of the question (digits are single tokens; a 1M-parameter model
+learns these in minutes)
+parity         Is 4821 even or odd? / 4821 是奇数还是偶数？      the other parity
+first_digit    What is the first digit of 4821? / ...最高位...   another digit of the number
+last_digit     What is the last digit of 4821? / ...个位数是几？  another digit of the number
+*spell*: the same for letters, which the tokenizer merges ('gr', 'th'): the model must know
+how its tokens are spelt
+first_letter   What is the first letter of 'plsgq'? / ...      another letter of the word
+last_letter    What is the last letter of 'plsgq'? / ...       another letter of the word
+*copy*: copy a number from the question, changed a little
+next           What number comes after 57? / 57 的下一个数是几？   n - 1 or n + 2
+larger         Which is larger, 31 or 87? / 31 和 87 哪个大？      the smaller one
+convert        Convert 3 km to meters. / 3 千米等于多少米？         wrong factor or wrong unit
+*compute*: digit-by-digit arithmetic or a whole-word transform
+add            What is 123 + 45? / 计算 123 + 45。                one digit off (+-1, +-10, +-100)
+sub            What is 123 - 45? / 123 减 45 等于多少？            one digit off
+reverse        Reverse the string 'abc'. / 把字符串“abc”倒过来写。  two letters swapped, or unreversed
+upper          Convert 'abc' to uppercase. / 把“abc”转换成大写字母。 only the first letter upper-cased
+count          How many times does 'a' appear in 'banana'? / ... the count +- 1
+=============  ============================================  ===================================
+
+``--tasks`` picks tiers or tasks (``--tasks=lookup``, ``--tasks=lookup,next``); the bundled files
+hold all of them. ``make demo`` trains on the lowest rungs, what its 15-minute CPU budget can
+teach a 1M-parameter model (measured: with the copy tier mixed in, the same run learned even
+the lookup tasks only partly; the spell tier stays near 0.2-0.3 exact match).
 
 Each task has several phrasings per language. Held-out sets are disjoint from every training set
 by *instance* (the operands), not only by wording, so a held-out question is never seen in
 training in another template. Training SFT records mix the three supported formats (messages,
 ShareGPT ``conversations``, ``instruction``/``output``) and include some two-round conversations;
 held-out records are single-turn ``messages`` with ``task``, ``lang`` and ``answer`` fields for
-evaluation. Deterministic for a given seed.
+evaluation. Deterministic for a given seed and task list.
 """
 
 from __future__ import annotations
@@ -69,6 +86,26 @@ UNITS = [  # (en from, en to, zh from, zh to, factor)
 ]
 
 TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "parity": {
+        "en": ["Is {a} even or odd?", "Is {a} an odd or an even number?"],
+        "zh": ["{a} 是奇数还是偶数？", "{a} 是偶数还是奇数？"],
+    },
+    "first_digit": {
+        "en": ["What is the first digit of {a}?", "Which digit does {a} start with?"],
+        "zh": ["{a} 的第一位数字是几？", "{a} 的最高位数字是几？"],
+    },
+    "last_digit": {
+        "en": ["What is the last digit of {a}?", "Which digit does {a} end with?"],
+        "zh": ["{a} 的最后一位数字是几？", "{a} 的个位数是几？"],
+    },
+    "first_letter": {
+        "en": ["What is the first letter of '{w}'?", "Which letter does '{w}' start with?"],
+        "zh": ["“{w}”的第一个字母是什么？", "“{w}”以哪个字母开头？"],
+    },
+    "last_letter": {
+        "en": ["What is the last letter of '{w}'?", "Which letter does '{w}' end with?"],
+        "zh": ["“{w}”的最后一个字母是什么？", "“{w}”以哪个字母结尾？"],
+    },
     "add": {
         "en": ["What is {a} + {b}?", "Compute {a} plus {b}.", "{a} + {b} = ?", "Add {a} and {b}."],
         "zh": [
@@ -145,6 +182,34 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
     },
 }
 TASKS = list(TEMPLATES)
+TIERS = {
+    "lookup": ["parity", "first_digit", "last_digit"],
+    "spell": ["first_letter", "last_letter"],
+    "copy": ["next", "larger", "convert"],
+    "compute": ["add", "sub", "reverse", "upper", "count"],
+}
+assert sorted(sum(TIERS.values(), [])) == sorted(TASKS)
+PARITY = {"en": ("even", "odd"), "zh": ("偶数", "奇数")}
+
+
+def select_tasks(spec: str) -> list[str]:
+    """``"all"``, or comma-separated tier and task names -> task names in :data:`TASKS` order."""
+    picked: set[str] = set()
+    for name in filter(None, (part.strip() for part in spec.split(","))):
+        if name == "all":
+            picked.update(TASKS)
+        elif name in TIERS:
+            picked.update(TIERS[name])
+        elif name in TEMPLATES:
+            picked.add(name)
+        else:
+            raise DataError(
+                f"--tasks: unknown task or tier {name!r}; expected 'all', a tier "
+                f"({', '.join(TIERS)}) or a task ({', '.join(TASKS)})"
+            )
+    if not picked:
+        raise DataError("--tasks: no task given")
+    return [t for t in TASKS if t in picked]
 
 
 def _word(rng: random.Random, low: int = 3, high: int = 6) -> str:
@@ -160,6 +225,10 @@ def _digit_off(rng: random.Random, n: int) -> int:
 def sample_instance(rng: random.Random, task: str) -> Instance:
     # Operands are stored sorted, so "a + b" and "b + a" are one instance (the order is picked
     # when rendering) and cannot leak a held-out answer into training.
+    if task in ("parity", "first_digit", "last_digit"):
+        return (task, rng.randint(10, 99999))
+    if task in ("first_letter", "last_letter"):
+        return (task, _word(rng))
     if task in ("add", "sub"):
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         return (task, max(a, b), min(a, b))
@@ -181,6 +250,19 @@ def render(rng: random.Random, inst: Instance, lang: str) -> tuple[str, str, str
     """``(question, answer, wrong answer)`` of an instance in a random phrasing of ``lang``."""
     task = inst[0]
     template = rng.choice(TEMPLATES[task][lang])
+    if task == "parity":
+        a = inst[1]
+        return template.format(a=a), PARITY[lang][a % 2], PARITY[lang][1 - a % 2]
+    if task in ("first_digit", "last_digit"):
+        digits = str(inst[1])
+        k = 0 if task == "first_digit" else -1
+        others = [d for d in digits if d != digits[k]] or [str((int(digits[k]) + 1) % 10)]
+        return template.format(a=inst[1]), digits[k], rng.choice(others)
+    if task in ("first_letter", "last_letter"):
+        w = inst[1]
+        k = 0 if task == "first_letter" else -1
+        others = [c for c in w if c != w[k]] or ["b" if w[k] == "a" else "a"]
+        return template.format(w=w), w[k], rng.choice(others)
     if task in ("add", "sub"):
         _, a, b = inst
         if task == "add" and rng.random() < 0.5:
@@ -248,24 +330,36 @@ def _sft_record(
     return {"messages": messages, **meta}
 
 
-def _unique_instances(rng: random.Random, count: int, taken: set) -> list[Instance]:
-    """``count`` new instances, round-robin over tasks, none of them in ``taken`` (updated)."""
+def _unique_instances(
+    rng: random.Random, count: int, taken: set, tasks: list[str]
+) -> list[Instance]:
+    """``count`` new instances, round-robin over ``tasks``, none of them in ``taken`` (updated).
+
+    DataError when a task runs out of new instances (so a too-small operand range cannot make
+    this loop forever).
+    """
     out = []
+    misses = 0
     while len(out) < count:
-        inst = sample_instance(rng, TASKS[len(out) % len(TASKS)])
+        inst = sample_instance(rng, tasks[len(out) % len(tasks)])
         if inst not in taken:
             taken.add(inst)
             out.append(inst)
+            misses = 0
+        elif (misses := misses + 1) > 10_000:
+            raise DataError(f"task {inst[0]!r} has run out of distinct instances")
     return out
 
 
-def build(seed: int = 0) -> dict[str, list[dict]]:
-    """All four splits as lists of records: ``sft_train``, ``sft_heldout``, ``dpo_train``, ``dpo_heldout``."""
+def build(seed: int = 0, tasks: list[str] | None = None) -> dict[str, list[dict]]:
+    """All four splits as lists of records: ``sft_train``, ``sft_heldout``, ``dpo_train``,
+    ``dpo_heldout``; over ``tasks`` (default: every task)."""
+    tasks = tasks or TASKS
     rng = random.Random(seed)
     taken: set = set()
-    sft_heldout = _unique_instances(rng, SFT_HELDOUT, taken)
-    dpo_heldout = _unique_instances(rng, DPO_HELDOUT, taken)
-    train = _unique_instances(rng, SFT_TRAIN + DPO_TRAIN, taken)
+    sft_heldout = _unique_instances(rng, SFT_HELDOUT, taken, tasks)
+    dpo_heldout = _unique_instances(rng, DPO_HELDOUT, taken, tasks)
+    train = _unique_instances(rng, SFT_TRAIN + DPO_TRAIN, taken, tasks)
     sft_train, dpo_train = train[:SFT_TRAIN], train[SFT_TRAIN:]
 
     out: dict[str, list[dict]] = {
@@ -301,7 +395,7 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
 
 PROVENANCE = """# Provenance of {name}
 
-Generated by `python -m data.build_sft_data --seed={seed}` (zero2all's own generator; no external
+Generated by `{command}` (zero2all's own generator; no external
 source). Deterministic for a given seed: re-running it reproduces `train.jsonl` and
 `heldout.jsonl` byte for byte.
 
@@ -312,8 +406,9 @@ source). Deterministic for a given seed: re-running it reproduces `train.jsonl` 
 {extra}"""
 
 
-def write(out_dir: Path, seed: int) -> None:
-    splits = build(seed)
+def write(out_dir: Path, seed: int, tasks: list[str] | None = None) -> None:
+    tasks = tasks or TASKS
+    splits = build(seed, tasks)
     sft_extra = (
         "- Training records mix the `messages`, ShareGPT `conversations` and `instruction`/`output`\n"
         "  formats; every 10th is a two-round conversation; ~10% carry a short system prompt.\n"
@@ -337,7 +432,9 @@ def write(out_dir: Path, seed: int) -> None:
                 seed=seed,
                 train=len(splits[f"{kind}_train"]),
                 heldout=len(splits[f"{kind}_heldout"]),
-                tasks=", ".join(TASKS),
+                tasks=", ".join(tasks),
+                command=f"python -m data.build_sft_data --seed={seed}"
+                + ("" if tasks == TASKS else f" --tasks={','.join(tasks)}"),
                 extra=extra,
             ),
             encoding="utf-8",
@@ -428,9 +525,14 @@ def main(argv: list[str] | None = None) -> None:
         help="also extract MMLU chain-of-thought exemplars from this lm_eval wheel into "
         "sample_sft/mmlu_cot.jsonl (without it, an existing mmlu_cot.jsonl is left alone)",
     )
+    parser.add_argument(
+        "--tasks",
+        default="all",
+        help="comma-separated tiers (lookup, copy, compute) and/or task names; default: all",
+    )
     args = parser.parse_args(argv)
     setup_logging()
-    write(Path(args.out_dir), args.seed)
+    write(Path(args.out_dir), args.seed, select_tasks(args.tasks))
     if args.lm_eval_wheel:
         write_mmlu_cot(Path(args.out_dir), Path(args.lm_eval_wheel))
 

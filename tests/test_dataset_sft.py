@@ -12,7 +12,7 @@ import torch
 
 import data_preprocess.pretokenize_sft_data as cli
 import dataset.dataset_sft as sft
-from data.build_sft_data import build, exact_match
+from data.build_sft_data import TASKS, TIERS, build, exact_match, select_tasks
 from data_preprocess.pretokenize_sft_data import pretokenize_sft
 from dataset.dataset_sft import SFTDataset, is_heldout, pack_greedy, sft_collate
 from tokenizer.tokenization import load_tokenizer
@@ -322,8 +322,14 @@ def _check_answer(task: str, question: str, answer: str) -> None:
         "reverse": lambda: words[0][::-1],
         "upper": lambda: words[0].upper(),
         "count": lambda: str(max(words, key=len).count(min(words, key=len))),
+        "parity": lambda: ("odd" if nums[0] % 2 else "even") if question.isascii()
+        else ("奇数" if nums[0] % 2 else "偶数"),
+        "first_digit": lambda: str(nums[0])[0],
+        "last_digit": lambda: str(nums[0])[-1],
+        "first_letter": lambda: words[0][0],
+        "last_letter": lambda: words[0][-1],
     }
-    if task in expected:
+    if task != "convert":
         assert answer == expected[task](), (task, question, answer)
 
 
@@ -357,10 +363,32 @@ def test_bundled_sft_data_is_current_correct_and_heldout_disjoint():
             assert _operands(record["task"], question) not in train_keys, question
     tasks = {r["task"] for r in splits["sft_heldout"]}
     langs = {r["lang"] for r in splits["sft_heldout"]}
-    assert len(tasks) == 8 and langs == {"en", "zh"}
+    assert tasks == set(TASKS) and len(tasks) == 13 and langs == {"en", "zh"}
     for record in splits["sft_train"][:500]:
         messages = record_to_messages(record, "x")
         _check_answer(record["task"], messages[-2]["content"], messages[-1]["content"])
+
+
+def test_task_selection_by_tier_and_name(tmp_path):
+    assert select_tasks("lookup") == TIERS["lookup"]
+    assert select_tasks("next, lookup") == ["parity", "first_digit", "last_digit", "next"]
+    assert select_tasks("all") == TASKS
+    with pytest.raises(DataError, match="unknown task or tier 'multiply'"):
+        select_tasks("lookup,multiply")
+    splits = build(seed=1, tasks=["parity", "first_letter"])
+    assert {r["task"] for split in splits.values() for r in split} == {"parity", "first_letter"}
+    for record in splits["sft_heldout"]:
+        _check_answer(record["task"], record["messages"][0]["content"], record["answer"])
+    for record in splits["dpo_heldout"]:
+        assert record["rejected"] != record["chosen"]
+
+
+def test_a_task_without_enough_instances_is_an_error_not_a_hang(monkeypatch):
+    import data.build_sft_data as generator
+
+    monkeypatch.setattr(generator, "sample_instance", lambda rng, task: (task, rng.randint(0, 9)))
+    with pytest.raises(DataError, match="'parity' has run out of distinct instances"):
+        build(seed=0, tasks=["parity"])
 
 
 def test_bundled_sft_data_loads(tokenizer_dir, tmp_path):

@@ -35,6 +35,7 @@ def test_every_command_parses(plan, tmp_path):
     """Each train.py / sample.py / evaluate_chat command has valid keys and values."""
     import sample
     from configurator import resolve_config
+    from data.build_sft_data import select_tasks
     from utils import evaluate_chat
 
     stages, _ = build_stages(tmp_path, plan, ROOT / "data/sample/pretrain")
@@ -51,6 +52,9 @@ def test_every_command_parses(plan, tmp_path):
             sample.parse_args(a[2:])
         if a[1:3] == ["-m", "utils.evaluate_chat"]:
             evaluate_chat.parse_args(a[3:])
+        if a[1:3] == ["-m", "data.build_sft_data"]:  # the SFT/DPO tasks exist
+            tasks = [arg.split("=", 1)[1] for arg in a if arg.startswith("--tasks=")]
+            assert len(tasks) == 1 and select_tasks(tasks[0])
 
 
 def stub_stage(name: str, log: Path, out: Path, fail: bool = False) -> Stage:
