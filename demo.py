@@ -61,11 +61,11 @@ class Plan:
     # budget teaches, plus one task of the spell tier, which it mostly does not.
     tasks: str = "lookup,first_letter"
     chat_prompts: tuple[str, ...] = ("Is 1234 even or odd?", "What is the last digit of 9087?",
-                                     "“QUOKKA”的第一个字母是什么？")
+                                     "“quokka”的第一个字母是什么？")
 
 
 # Sizes measured on a shared 2-core machine, one thread per process (see --threads): tokenizers
-# ~15 s, pretrain ~3 min (0.3 s/step), SFT ~1.5 min, DPO ~1 min, evaluations ~6 s each.
+# ~15 s, pretrain ~3 min (0.3 s/step), SFT ~3 min, DPO ~1 min, evaluations ~6 s each.
 FULL = Plan(
     vocab_size=4096,
     max_train_bytes=2_000_000,
@@ -74,13 +74,15 @@ FULL = Plan(
     pretrain=("--max_iters=600", "--train_batch_size=16", "--learning_rate=4e-3", "--min_lr=4e-4",
               "--warmup_iters=30", "--eval_interval=100", "--eval_iters=8", "--log_interval=20",
               "--save_interval=200", "--valid_ratio=0.02"),
-    sft=("--max_iters=400", "--learning_rate=2e-3", "--min_lr=2e-4",
-         "--warmup_iters=20", "--eval_interval=100", "--log_interval=20", "--save_interval=100",
+    # Measured held-out exact match after 400 / 600 / 800 steps: 0.69-0.82 / 0.89 / 0.94.
+    sft=("--max_iters=800", "--learning_rate=2e-3", "--min_lr=2e-4",
+         "--warmup_iters=20", "--eval_interval=200", "--log_interval=20", "--save_interval=200",
          "--weight_decay=0.0"),
     # IPO with a large beta: its squared loss stops at a margin of 1/(2 beta), so the policy stays
-    # near the SFT model. Measured on these tasks (held-out reward accuracy, SFT loss change):
-    # beta 2 / 150 steps 0.84, +4%; beta 1.5 / 200 steps 0.94, +2%; beta 1 / 200 steps 0.93, +7%;
-    # beta 0.5, lr 1e-3 / 300 steps (older task mix) raised the SFT loss by 16%.
+    # near the SFT model. Measured on these tasks after 400 SFT steps (held-out reward accuracy,
+    # SFT loss change): beta 2 / 150 steps 0.84, +4%; beta 1.5 / 200 steps 0.84-0.94, -1% to +2%;
+    # beta 1 / 200 steps 0.93, +7%; beta 0.5, lr 1e-3, 300 steps: SFT loss +16%. After 600 / 800
+    # SFT steps, beta 1.5 / 200 steps: 0.87, +5% / 0.90, +5%.
     dpo=("--max_iters=200", "--train_batch_size=16", "--learning_rate=5e-4", "--min_lr=5e-5",
          "--warmup_iters=10", "--dpo_loss_type=ipo", "--dpo_beta=1.5",
          "--precompute_ref_logps=True", "--eval_interval=50", "--eval_iters=13",

@@ -32,9 +32,11 @@ count          How many times does 'a' appear in 'banana'? / ... the count +- 1
 =============  ============================================  ===================================
 
 ``--tasks`` picks tiers or tasks (``--tasks=lookup``, ``--tasks=lookup,next``); the bundled files
-hold all of them. ``make demo`` trains on the lowest rungs, what its 15-minute CPU budget can
-teach a 1M-parameter model (measured: with the copy tier mixed in, the same run learned even
-the lookup tasks only partly; the spell tier stays near 0.2-0.3 exact match).
+hold all of them. ``make demo`` trains on the lowest rungs (``--tasks=lookup,first_letter``),
+what its 15-minute CPU budget can teach a 2M-parameter model. Measured held-out exact match:
+lookup tasks 0.7-1.0 after 400 SFT steps, 0.97-1.0 after 800; first_letter 0.2-0.35, then 0.79;
+with the copy tier mixed in, the same run learned even the lookup tasks only partly, and the
+copy and compute tasks stayed near 0.
 
 Each task has several phrasings per language. Held-out sets are disjoint from every training set
 by *instance* (the operands), not only by wording, so a held-out question is never seen in
@@ -428,7 +430,7 @@ def write(out_dir: Path, seed: int, tasks: list[str] | None = None) -> None:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         (d / "PROVENANCE.md").write_text(
             PROVENANCE.format(
-                name=f"data/{name}",
+                name=f"{out_dir.name}/{name}",
                 seed=seed,
                 train=len(splits[f"{kind}_train"]),
                 heldout=len(splits[f"{kind}_heldout"]),
