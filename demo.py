@@ -296,9 +296,9 @@ def build_stages(out: Path, plan: Plan, pretrain_data: Path) -> tuple[list[Stage
             Step([*train, "--task_type=pretrain", f"--data_dir={rel(pretok)}", *common,
                   f"--out_dir={rel(pre)}", *plan.pretrain]),
         ], pretrain_metrics, [pre]),
-        # The lookup tier of the generated tasks (data/build_sft_data.py): what a model this
-        # small learns in minutes. Mixing in the copy and compute tiers, or the bundled
-        # mmlu_cot.jsonl, left it learning none of them well in this budget.
+        # The lookup tier of the generated tasks (data/build_sft_data.py) plus first_letter: what
+        # a model this small learns in minutes. With the copy tier mixed in, even the lookup
+        # tasks were only half-learned in this budget, and the copy tasks not at all.
         Stage("sft", [tasks, sft, em["pretrain"], em["sft"]], [
             Step([PY, "-m", "data.build_sft_data", f"--tasks={plan.tasks}",
                   f"--out_dir={rel(tasks)}"]),
