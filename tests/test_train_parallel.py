@@ -99,3 +99,18 @@ def test_compression_hooks_stay_close(tmp_path, pretok_dir, tokenizer_dir, singl
     out = tmp_path / hook
     run_train(pretrain_args(out, pretok_dir, tokenizer_dir, f"--comm_hook={hook}"), nproc=2)
     assert_close_series(losses(out), losses(single_process), atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, mode", [(1, []), (2, MODES["zero1-all-overlaps"])],
+                         ids=["one-rank", "zero1-all-overlaps"])
+def test_compiled_model_matches_eager_single_process(tmp_path, pretok_dir, tokenizer_dir,
+                                                      single_process, nproc, mode):
+    """--compile (Inductor): the compiled model trains to the eager numbers, also under ZeRO-1
+    with every overlap, whose hooks (gradient-ready hooks, parameter all-gather before each
+    module's forward) then wrap a compiled module."""
+    out = tmp_path / "compiled"
+    run_train(pretrain_args(out, pretok_dir, tokenizer_dir, "--compile", *mode), nproc=nproc,
+              timeout=600)
+    assert_close_series(losses(out), losses(single_process), atol=1e-5)
+    assert_close_series(column(out, "val_loss"), column(single_process, "val_loss"), atol=1e-5)
