@@ -10,6 +10,8 @@ besides the matmuls); its docstring gives the one-line formula it equals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -57,47 +59,51 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked LM head + cross-entropy whose gradients are finished in the forward pass."""
+# One chunk's loss and logit gradient: (hidden rows (C, D), their targets (C,)) ->
+# (summed fp32 loss of the chunk's non-ignored rows, dlogits (C, V) in the compute dtype, or
+# None when no gradient is needed). dlogits = softmax - onehot(target), zero rows if ignored.
+ChunkStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        ignore_index: int,
-        need_grad: bool,
-    ) -> torch.Tensor:
-        N, V = hidden.shape[0], weight.shape[0]
-        chunk = max(1, CHUNK_LOGITS // V)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        # fp32 accumulation over chunks whatever the compute dtype (no pile-up of bf16 rounding)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        for start in range(0, N, chunk):
-            rows = slice(start, start + chunk)
-            h, t = hidden[rows], targets[rows]  # (C, D), (C,)
-            keep = t != ignore_index
-            t = torch.where(keep, t, 0)  # any valid index; these rows are masked below
-            probs = (h @ weight.T).float()  # (C, V) logits, fp32 for the softmax
-            target_logit = probs.gather(1, t[:, None])  # (C, 1), read before probs is reused
-            shift = probs.amax(1, keepdim=True)
-            probs.sub_(shift).exp_()  # in place: exp(logits - max)
-            total = probs.sum(1, keepdim=True)
-            row_loss = (total.log() + shift - target_logit).squeeze(1)  # logsumexp - logit[t]
-            loss += torch.where(keep, row_loss, 0.0).sum()
-            if not need_grad:
-                continue
-            probs.div_(total)  # softmax
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
-            probs.mul_(keep[:, None])  # ignored rows: no gradient
-            dlogits = probs.to(hidden.dtype)  # (C, V) compute dtype for the matmuls
-            grad_hidden[rows] = dlogits @ weight  # (C, D)
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+    need_grad: bool, chunk_step: ChunkStep,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk loop shared by the torch and Triton fused linear cross-entropy.
+
+    Walks the rows of ``hidden`` (N, D) ``chunk_rows`` at a time; ``chunk_step`` turns each
+    chunk into its loss and logit gradient (torch ops here, Triton kernels in
+    triton_cross_entropy.py), which are multiplied straight into the gradients of hidden and of
+    the LM head ``weight`` (V, D). Returns (fp32 loss sum, grad_hidden (N, D) in the compute
+    dtype, grad_weight (V, D) accumulated in fp32 so that many chunks do not pile up bf16
+    rounding); the gradients are None without ``need_grad``.
+    """
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h = hidden[rows]  # (C, D)
+        chunk_loss, dlogits = chunk_step(h, targets[rows])
+        loss += chunk_loss
+        if need_grad:
+            torch.mm(dlogits, weight, out=grad_hidden[rows])  # (C, D)
             if dlogits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(dlogits.T, h)  # (V, D)
             else:
                 grad_weight += dlogits.T @ h
+    return loss, grad_hidden, grad_weight
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper of :func:`chunked_linear_cross_entropy`: the gradients are finished in
+    the forward pass, backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int,
+                need_grad: bool, chunk_step: ChunkStep, targets: torch.Tensor) -> torch.Tensor:
+        loss, grad_hidden, grad_weight = chunked_linear_cross_entropy(
+            hidden, weight, targets, chunk_rows, need_grad, chunk_step)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -106,7 +112,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         assert grad_hidden is not None, "linear_cross_entropy: forward ran without gradients"
         g = grad_output.detach()
-        return grad_hidden * g, (grad_weight * g).to(grad_hidden.dtype), None, None, None
+        # Inside the Function hidden and weight share the compute dtype.
+        return grad_hidden * g, (grad_weight * g).to(grad_hidden.dtype), None, None, None, None
+
+
+def _torch_chunk_step(weight: torch.Tensor, ignore_index: int, need_grad: bool) -> ChunkStep:
+    """The per-chunk loss and logit gradient in torch ops (fp32 logits for the softmax)."""
+
+    def step(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        keep = t != ignore_index
+        t = torch.where(keep, t, 0)  # any valid index; these rows are masked below
+        probs = (h @ weight.T).float()  # (C, V) logits, fp32 for the softmax
+        target_logit = probs.gather(1, t[:, None])  # (C, 1), read before probs is reused
+        shift = probs.amax(1, keepdim=True)
+        probs.sub_(shift).exp_()  # in place: exp(logits - max)
+        total = probs.sum(1, keepdim=True)
+        row_loss = (total.log() + shift - target_logit).squeeze(1)  # logsumexp - logit[t]
+        loss = torch.where(keep, row_loss, 0.0).sum()
+        if not need_grad:
+            return loss, None
+        probs.div_(total)  # softmax
+        probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+        probs.mul_(keep[:, None])  # ignored rows: no gradient
+        return loss, probs.to(h.dtype)  # (C, V) compute dtype for the matmuls
+
+    return step
 
 
 def linear_cross_entropy(
@@ -131,7 +161,9 @@ def linear_cross_entropy(
     dtype = matmul_dtype(hidden)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     # The casts sit outside the Function so autograd returns gradients in the callers' dtypes.
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(
-            hidden.to(dtype), weight.to(dtype), targets.reshape(-1), ignore_index, need_grad
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, max(1, CHUNK_LOGITS // weight.shape[0]), need_grad,
+            _torch_chunk_step(weight, ignore_index, need_grad), targets.reshape(-1),
         )

@@ -20,6 +20,9 @@ Why fused: the logits of a whole batch are large (16k tokens x 64k vocab is 4 Gi
    ``dlogits = softmax - onehot(target)`` (zero rows for ignored targets),
 4. accumulates ``grad_hidden[chunk] = dlogits @ W`` and ``grad_weight += dlogits.T @ h``.
 
+Steps 1-3 are this module's ``_triton_chunk_step``; the loop and step 4 are shared with the torch
+reference (``torch_ref.chunked_linear_cross_entropy``), which does steps 1-3 in torch ops.
+
 So the gradients are finished during the forward pass (Liger-style "fused linear cross-entropy");
 backward only scales them by the incoming ``grad_output``.
 
@@ -27,9 +30,9 @@ Memory bound (on top of inputs): the logits buffer, ``C * V`` elements of the co
 ``C = max(1, MAX_CHUNK_LOGITS // V)`` rows (2**25 elements: 64 MiB in bf16, 128 MiB in fp32,
 whatever N is), plus the gradients themselves: ``grad_hidden`` ``(N, D)`` in the compute dtype and
 ``grad_weight`` ``(V, D)`` accumulated in fp32 so that many chunks do not pile up bf16 rounding
-(with a low-precision compute dtype, one more ``(V, D)`` buffer in that dtype holds each chunk's
+(with a low-precision compute dtype, one more ``(V, D)`` tensor in that dtype holds each chunk's
 product before it is added).
-Without grad (evaluation) only the buffer and an ``(N,)`` fp32 loss vector are allocated.
+Without grad (evaluation) only the buffer and a ``(C,)`` fp32 loss vector are allocated.
 
 Under autocast the matmuls run in the autocast dtype (as ``F.linear`` would) and the softmax in
 fp32; gradients come back in the inputs' own dtypes.
@@ -43,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.torch_ref import matmul_dtype
+from model.kernels.torch_ref import LinearCrossEntropyFunction, matmul_dtype
 from model.kernels.triton_utils import cast_rtne
 
 # Largest vocab block one program holds in registers at a time (tests lower it to exercise the
@@ -170,47 +173,27 @@ def cross_entropy_sum(
     return _CrossEntropySum.apply(logits2, targets, ignore_index)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                ignore_index: int, need_grad: bool) -> torch.Tensor:
-        N, D = hidden.shape
-        V = weight.shape[0]
-        dev = hidden.device
-        chunk = max(1, min(N, MAX_CHUNK_LOGITS // V))
-        logits_buf = torch.empty(chunk, V, dtype=hidden.dtype, device=dev)  # reused per chunk
-        loss = torch.empty(N, dtype=torch.float32, device=dev)
-        lse = torch.empty(chunk, dtype=torch.float32, device=dev)
-        one = torch.ones(1, dtype=torch.float32, device=dev)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_grad else None
-        # Low-precision chunk products of dweight land here before the fp32 accumulation.
-        low_precision = need_grad and hidden.dtype != torch.float32
-        dw_chunk = torch.empty(V, D, dtype=hidden.dtype, device=dev) if low_precision else None
-        for start in range(0, N, chunk):
-            end = min(N, start + chunk)
-            h, t = hidden[start:end], targets[start:end]
-            logits = logits_buf[: end - start]  # (C, V)
-            torch.mm(h, weight.T, out=logits)
-            _launch_lse_loss(logits, t, loss[start:end], lse, ignore_index)
-            if not need_grad:
-                continue
-            _launch_softmax_grad(logits, logits, t, lse, one, ignore_index)  # in place
-            torch.mm(logits, weight, out=grad_hidden[start:end])  # (C, D)
-            if low_precision:
-                grad_weight.add_(torch.mm(logits.T, h, out=dw_chunk))  # (V, D)
-            else:
-                grad_weight.addmm_(logits.T, h)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss.sum()
+def _triton_chunk_step(weight: torch.Tensor, ignore_index: int, need_grad: bool, chunk_rows: int):
+    """Per chunk (the loop is ``torch_ref.chunked_linear_cross_entropy``): the logits into one
+    reused (C, V) buffer, the per-row loss by ``_lse_loss_kernel``, then ``dlogits`` written over
+    the logits in place by ``_softmax_grad_kernel``."""
+    dev, V = weight.device, weight.shape[0]
+    logits_buf = torch.empty(chunk_rows, V, dtype=weight.dtype, device=dev)
+    loss = torch.empty(chunk_rows, dtype=torch.float32, device=dev)
+    lse = torch.empty(chunk_rows, dtype=torch.float32, device=dev)
+    one = torch.ones(1, dtype=torch.float32, device=dev)
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        assert grad_hidden is not None, "linear_cross_entropy: forward ran without gradients"
-        g = grad_output.detach()
-        # Inside the Function hidden and weight share the compute dtype.
-        return (grad_hidden * g, (grad_weight * g).to(grad_hidden.dtype), None, None, None)
+    def step(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = h.shape[0]
+        logits = logits_buf[:rows]  # (C, V)
+        torch.mm(h, weight.T, out=logits)
+        _launch_lse_loss(logits, t, loss[:rows], lse, ignore_index)
+        if not need_grad:
+            return loss[:rows].sum(), None
+        _launch_softmax_grad(logits, logits, t, lse, one, ignore_index)  # in place
+        return loss[:rows].sum(), logits
+
+    return step
 
 
 def linear_cross_entropy(
@@ -231,8 +214,10 @@ def linear_cross_entropy(
     dtype = matmul_dtype(hidden)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     # The .to() casts sit outside the Function so autograd returns grads in the callers' dtypes.
+    hidden, weight = hidden.to(dtype).contiguous(), weight.to(dtype).contiguous()
+    chunk_rows = max(1, min(N, MAX_CHUNK_LOGITS // V))
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(
-            hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(), targets, ignore_index,
-            need_grad,
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, chunk_rows, need_grad,
+            _triton_chunk_step(weight, ignore_index, need_grad, chunk_rows), targets,
         )
