@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -77,6 +77,7 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     times: list[float]
+    phases: dict[str, list[float]] = field(default_factory=dict)  # phase -> seconds per step
 
 
 def _make_run(ctx: DistContext, size: str, config: tuple, args: argparse.Namespace) -> Run:
@@ -89,20 +90,31 @@ def _make_run(ctx: DistContext, size: str, config: tuple, args: argparse.Namespa
     return Run(size, label, impl, wrapped, optimizer, [])
 
 
-def _step(run: Run, x: torch.Tensor, y: torch.Tensor, accum: int) -> None:
-    """One optimizer step of ``accum`` micro-batches (no_sync on all but the last)."""
+PHASES = ("forward+backward", "wait for grad sync", "optimizer", "zero grads")
+
+
+def _step(run: Run, x: torch.Tensor, y: torch.Tensor, accum: int) -> list[float]:
+    """One optimizer step of ``accum`` micro-batches (no_sync on all but the last); returns the
+    seconds spent in each of :data:`PHASES`. Torch DDP waits for its gradients inside
+    ``backward()``, so its second phase is 0 and its first includes the exposed communication."""
+    t0 = time.perf_counter()
     for m, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
         with run.model.no_sync() if m < accum - 1 else nullcontext():
             (run.model(xm, ym) / accum).backward()
+    t1 = time.perf_counter()
     if run.impl == "my":
         run.model.finish_grad_sync()
         for p in run.model.module.parameters():
             p.grad = p.main_grad
+    t2 = time.perf_counter()
     run.optimizer.step()
+    t3 = time.perf_counter()
     if run.impl == "my":
         run.model.zero_grad_buffer()
     else:
         run.optimizer.zero_grad(set_to_none=True)
+    t4 = time.perf_counter()
+    return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
 
 
 def _benchmark(ctx: DistContext, args: argparse.Namespace) -> None:
@@ -115,9 +127,11 @@ def _benchmark(ctx: DistContext, args: argparse.Namespace) -> None:
                 data = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=g)
                 barrier(ctx.world_size)
                 start = time.perf_counter()
-                _step(run, data[:, :-1], data[:, 1:], args.accum)
+                phases = _step(run, data[:, :-1], data[:, 1:], args.accum)
                 if round_index > 0:
                     run.times.append(time.perf_counter() - start)
+                    for name, seconds in zip(PHASES, phases, strict=True):
+                        run.phases.setdefault(name, []).append(seconds)
     if ctx.is_main:
         _print_table(runs, args, ctx.world_size)
 
@@ -135,6 +149,12 @@ def _print_table(runs: list[Run], args: argparse.Namespace, world_size: int) -> 
         n_params = sum(p.numel() for p in r.model.parameters())
         print(f"| {r.size} | {n_params / 1e6:.2f}M | {r.label} | {ms:.1f} | "
               f"{tokens / ms * 1e3:,.0f} | {ms / torch_ms[r.size]:.2f}× |")
+    print("\nWhere the time goes (median ms per step of each phase):")
+    print("| model | configuration | " + " | ".join(PHASES) + " |")
+    print("|---|---|" + "---:|" * len(PHASES))
+    for r in runs:
+        cells = " | ".join(f"{statistics.median(r.phases[name]) * 1e3:.2f}" for name in PHASES)
+        print(f"| {r.size} | {r.label} | {cells} |")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
