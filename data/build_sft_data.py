@@ -4,13 +4,13 @@
 
 Writes ``OUT/sample_sft/{train,heldout}.jsonl``, ``OUT/sample_dpo/{train,heldout}.jsonl`` and a
 ``PROVENANCE.md`` in each. Every question has one short, exactly checkable answer, so a tiny model
-trained on a CPU can be scored by :func:`exact_match`. The tasks form a ladder in three tiers, by
+trained on a CPU can be scored by :func:`exact_match`. The tasks form a ladder in four tiers, by
 what a model must do to answer them:
 
 =============  ============================================  ===================================
 task           example (en / zh)                             rejected reply in DPO pairs
 =============  ============================================  ===================================
-*lookup*: read one digit of the question (digits are single tokens; a 1M-parameter model
+*lookup*: read one digit of the question (digits are single tokens; a 2M-parameter model
 learns these in minutes)
 parity         Is 4821 even or odd? / 4821 是奇数还是偶数？      the other parity
 first_digit    What is the first digit of 4821? / ...最高位...   another digit of the number
