@@ -97,6 +97,38 @@ def _no_sync_and_unused_param(ctx: DistContext) -> dict:
                 buckets=len(ddp.buckets), unused_grad=model.unused.weight.main_grad.abs().sum())
 
 
+class _SometimesExtra(ToyModel):
+    """ToyModel plus a parameter that only some steps use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = torch.nn.Parameter(torch.ones(5))
+        self.use_extra = True
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(x, y)
+        return loss + self.extra.square().sum() if self.use_extra else loss
+
+
+def _no_stale_grads(ctx: DistContext) -> dict:
+    """The buffer is not zero-filled between steps: step 2's gradients (2 micro-batches) must not
+    contain step 1's, and a parameter used in step 1 only must come out of step 2 as zero."""
+    out = {}
+    for overlap in (False, True):
+        model = _SometimesExtra()
+        ddp = DistributedDataParallel(model, ctx, bucket_size=300, overlap_grad_reduce=overlap)
+        for step, use_extra in ((0, True), (1, False)):
+            ddp.zero_grad_buffer()
+            model.use_extra = use_extra
+            micro = local_micro_batches(*toy_batch(step, 8), ctx.rank, ctx.world_size, 2)
+            for m, (xm, ym) in enumerate(micro):
+                with ddp.no_sync() if m == 0 else nullcontext():
+                    (ddp(xm, ym) / 2).backward()
+            ddp.finish_grad_sync()
+        out[overlap] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    return out
+
+
 def _bf16_grads(ctx: DistContext) -> dict:
     """A bf16 model's averaged grads, reduced in fp32 (as asked) and in bf16, and this rank's
     local grads (computed here: bf16 CPU matmuls depend on the thread count)."""
@@ -118,6 +150,7 @@ def _all_configs(ctx: DistContext) -> dict:
     results = {name: _train(ctx, impl, accum, opts) for name, impl, accum, opts in CONFIGS}
     results["no_sync"] = _no_sync_and_unused_param(ctx)
     results["bf16"] = _bf16_grads(ctx)
+    results["no_stale_grads"] = _no_stale_grads(ctx)
     results["torch_hooks"] = {name: _torch_hook_grads(ctx, name) for name in ("fp16", "powersgd")}
     results["ctx"] = (ctx.world_size, ctx.backend, str(ctx.device), torch.get_num_threads())
     return results
@@ -181,6 +214,19 @@ def test_no_sync_sends_nothing_and_unused_params_do_not_block(distributed_result
         # ...and finish_grad_sync launches it anyway
         assert r["no_sync"]["total"] == r["no_sync"]["buckets"]
         assert r["no_sync"]["unused_grad"] == 0
+
+
+def test_gradients_of_an_earlier_step_never_leak_into_the_next(distributed_results):
+    reference = _SometimesExtra()
+    reference.use_extra = False
+    reference(*toy_batch(1, 8)).backward()  # step 2's global batch, same (unstepped) params
+    for r in distributed_results:
+        for overlap, grads in r["no_stale_grads"].items():
+            assert torch.equal(grads["extra"], torch.zeros(5)), overlap  # used in step 1 only
+            for name, p in reference.named_parameters():
+                if name != "extra":
+                    torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-6,
+                                               msg=lambda m: f"overlap={overlap} {name}: {m}")
 
 
 def test_single_process_without_process_group():

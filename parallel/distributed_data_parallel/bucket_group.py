@@ -2,8 +2,8 @@
 
 States of a :class:`BucketGroup` during one synchronisation::
 
-    IDLE ──(all params' grads in, or start_grad_sync())──▶ IN_FLIGHT ──finish_grad_sync()──▶ IDLE
-                                                             (hook's PendingReduction held)
+    IDLE ──(all params' grads in, or the DDP's start_grad_sync())──▶ IN_FLIGHT
+    IN_FLIGHT (hook's PendingReduction held) ──finish_grad_sync()──▶ IDLE
 
 With ``overlap_grad_reduce`` the DDP wrapper calls :meth:`register_grad_ready` from the backward
 hooks and starts the collective the moment the last parameter of the group reports in (subject to
@@ -76,8 +76,7 @@ class BucketGroup:
 
     def finish_grad_sync(self) -> None:
         """Wait for this group's reductions; afterwards ``grad_data`` holds averaged grads."""
-        if not self.started:
-            self.start_grad_sync()
+        assert self.started, "finish_grad_sync before start_grad_sync (the DDP wrapper starts it)"
         for bucket, pending in zip(self.buckets, self.pending, strict=True):
             result = pending.wait()
             if result.data_ptr() != bucket.grad_data.data_ptr():

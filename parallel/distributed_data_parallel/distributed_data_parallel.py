@@ -4,11 +4,16 @@ Gradient contract (Megatron-style), what the optimizer wrapper relies on:
 
 * every trainable parameter gets ``param.main_grad``, a view into a contiguous grad buffer whose
   dtype is fp32 when ``grad_reduce_in_fp32`` or the params are fp32, else the param dtype;
-* a post-accumulate-grad hook adds ``param.grad`` into ``main_grad`` and frees ``param.grad``,
+* a post-accumulate-grad hook moves ``param.grad`` into ``main_grad`` and frees ``param.grad``,
   so after backward ``param.grad is None`` and the optimizer must read ``param.main_grad``;
+  the first gradient of a step is copied in, later ones (accumulation micro-steps) are added;
 * after :meth:`finish_grad_sync` every ``main_grad`` holds the gradient averaged over ranks
   (summed over this step's micro-batches — the training loop scales the loss for accumulation);
-* :meth:`zero_grad_buffer` zeroes the buffers before the next step.
+* :meth:`zero_grad_buffer` starts the next step: the buffers are not zero-filled (a memory pass
+  over every gradient per step, which PyTorch's DDP avoids too); instead the next step's first
+  gradient overwrites each ``main_grad``, and a parameter that got no gradient by the time its
+  bucket is reduced has its ``main_grad`` zeroed then. Bucket padding is zero from the start and
+  stays zero (no gradient writes it; every collective of zeros gives zeros).
 
 One training step::
 
@@ -81,6 +86,7 @@ class DistributedDataParallel(nn.Module):
         self.bucket_groups[-1].is_last = True
         self._group_of = {p: g for g in self.bucket_groups for p in g.params}
         self._next_group_to_start = 0
+        self._grad_in_buffer: set[nn.Parameter] = set()  # params with a gradient this step
         for buffer in self.buffers_by_dtype.values():
             buffer.broadcast_params(ctx.world_size)
         self._hook_handles = [
@@ -129,7 +135,11 @@ class DistributedDataParallel(nn.Module):
 
     def _on_grad_accumulated(self, param: nn.Parameter) -> None:
         """Backward hook: move ``param.grad`` into the buffer; maybe launch its bucket."""
-        param.main_grad.add_(param.grad)
+        if param in self._grad_in_buffer:
+            param.main_grad.add_(param.grad)
+        else:  # first gradient this step: overwrite last step's value (no zero-fill needed)
+            param.main_grad.copy_(param.grad)
+            self._grad_in_buffer.add(param)
         param.grad = None
         if self.overlap_grad_reduce and self._sync_enabled:
             self._group_of[param].register_grad_ready(param)
@@ -144,8 +154,15 @@ class DistributedDataParallel(nn.Module):
         """
         groups = self.bucket_groups
         while self._next_group_to_start < len(groups) and groups[self._next_group_to_start].ready:
-            groups[self._next_group_to_start].start_grad_sync()
+            self._start_group(groups[self._next_group_to_start])
             self._next_group_to_start += 1
+
+    def _start_group(self, group: BucketGroup) -> None:
+        """Launch one group's reduction, first zeroing the ``main_grad`` of its parameters that
+        got no gradient this step (unused in the forward): they still hold last step's value."""
+        for p in group.params - self._grad_in_buffer:
+            p.main_grad.zero_()
+        group.start_grad_sync()
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -160,7 +177,7 @@ class DistributedDataParallel(nn.Module):
         """Launch every group that has not started yet (in order); returns without waiting."""
         assert self._sync_enabled, "grad sync requested inside no_sync()"
         for group in self.bucket_groups[self._next_group_to_start :]:
-            group.start_grad_sync()
+            self._start_group(group)
         self._next_group_to_start = len(self.bucket_groups)
 
     def finish_grad_sync(self) -> None:
@@ -181,9 +198,9 @@ class DistributedDataParallel(nn.Module):
         self._next_group_to_start = 0
 
     def zero_grad_buffer(self) -> None:
-        """Zero all gradient buffers and forget per-step state; call before each step."""
-        for buffer in self.buffers_by_dtype.values():
-            buffer.zero_grad()
+        """Start a new step (call before each): the next gradients overwrite the buffers, which
+        therefore need no zero-fill (see the module docstring); per-step state is forgotten."""
+        self._grad_in_buffer.clear()
         for group in self.bucket_groups:
             group.reset()
         self._next_group_to_start = 0

@@ -214,9 +214,6 @@ class ParamAndGradBuffer:
             offset=r.start,
         )
 
-    def zero_grad(self) -> None:
-        self.grad_data.zero_()
-
     def broadcast_params(self, world_size: int, src: int = 0) -> None:
         """Make every rank start from ``src``'s parameter values (one collective per buffer)."""
         broadcast(self.param_data, world_size, src)
