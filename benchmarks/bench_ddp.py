@@ -1,10 +1,13 @@
 """Step time and tokens/s of our DDP (overlap on/off, every comm hook) vs PyTorch's DDP.
 
     python -m benchmarks.bench_ddp [--nproc=2] [--rounds=5] [--steps=5] [--sizes=small,medium]
+                                   [--configs="my, overlap on;my, overlap off"]
 
 Re-launches itself under ``torchrun --standalone --nproc_per_node=NPROC`` (CPU: gloo). Two toy
 token models (embedding → residual MLP blocks → LM head, cross-entropy) of different sizes are
-trained with AdamW in every configuration. Configurations are INTERLEAVED — each round runs
+trained with AdamW in every configuration ("step per bucket": our ``BucketwiseOptimizer`` steps
+each bucket's parameters as soon as its all-reduce lands, overlapping the optimizer with the
+communication still in flight). ``--configs`` picks some (torch DDP always runs). Configurations are INTERLEAVED — each round runs
 ``--steps`` steps of every configuration in turn — so slow drift of a shared machine hits them
 all alike; the table shows the median step time over all timed steps (after one warm-up round).
 Rank 0 prints the table; "vs torch" is the step-time ratio to torch DDP on the same model.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from parallel.ddp_comm_hooks.optimizer_hooks import BucketwiseOptimizer
 from parallel.dist_context import DistContext, barrier, destroy_distributed, init_distributed
 from parallel.distributed_data_parallel import wrap_model
 from utils.errors import ConfigError, run_cli
@@ -34,13 +38,14 @@ SIZES = {  # name: (vocab, dim, n_blocks)
     "small": (512, 128, 2),
     "medium": (2048, 384, 4),
 }
-CONFIGS = [  # (label, ddp_impl, overlap_grad_reduce, comm_hook)
-    ("torch DDP", "torch", True, "allreduce"),
-    ("my, overlap off", "my", False, "allreduce"),
-    ("my, overlap on", "my", True, "allreduce"),
-    ("my, overlap on, fp16", "my", True, "fp16"),
-    ("my, overlap on, bf16", "my", True, "bf16"),
-    ("my, overlap on, powersgd r4", "my", True, "powersgd"),
+CONFIGS = [  # (label, ddp_impl, overlap_grad_reduce, comm_hook, AdamW stepped per bucket)
+    ("torch DDP", "torch", True, "allreduce", False),
+    ("my, overlap off", "my", False, "allreduce", False),
+    ("my, overlap on", "my", True, "allreduce", False),
+    ("my, overlap on, step per bucket", "my", True, "allreduce", True),
+    ("my, overlap on, fp16", "my", True, "fp16", False),
+    ("my, overlap on, bf16", "my", True, "bf16", False),
+    ("my, overlap on, powersgd r4", "my", True, "powersgd", False),
 ]
 
 
@@ -81,12 +86,16 @@ class Run:
 
 
 def _make_run(ctx: DistContext, size: str, config: tuple, args: argparse.Namespace) -> Run:
-    label, impl, overlap, hook = config
+    label, impl, overlap, hook, per_bucket = config
     model = TokenMLP(*SIZES[size])
     wrapped = wrap_model(model, ctx, ddp_impl=impl, bucket_size=args.bucket_size,
                          overlap_grad_reduce=overlap, comm_hook=hook, powersgd_rank=4,
                          powersgd_start_iter=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if per_bucket:  # step each bucket's params as soon as its all-reduce lands
+        optimizer = BucketwiseOptimizer(wrapped, [{"params": list(model.parameters())}],
+                                        lambda groups: torch.optim.AdamW(groups, lr=1e-3))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return Run(size, label, impl, wrapped, optimizer, [])
 
 
@@ -96,12 +105,18 @@ PHASES = ("forward+backward", "wait for grad sync", "optimizer", "zero grads")
 def _step(run: Run, x: torch.Tensor, y: torch.Tensor, accum: int) -> list[float]:
     """One optimizer step of ``accum`` micro-batches (no_sync on all but the last); returns the
     seconds spent in each of :data:`PHASES`. Torch DDP waits for its gradients inside
-    ``backward()``, so its second phase is 0 and its first includes the exposed communication."""
+    ``backward()``, so its second phase is 0 and its first includes the exposed communication;
+    with the optimizer stepped per bucket the wait happens inside the optimizer phase."""
     t0 = time.perf_counter()
     for m, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
         with run.model.no_sync() if m < accum - 1 else nullcontext():
             (run.model(xm, ym) / accum).backward()
     t1 = time.perf_counter()
+    if isinstance(run.optimizer, BucketwiseOptimizer):  # waits for each bucket inside step()
+        run.optimizer.step()
+        t3 = time.perf_counter()
+        run.optimizer.zero_grad()
+        return [t1 - t0, 0.0, t3 - t1, time.perf_counter() - t3]
     if run.impl == "my":
         run.model.finish_grad_sync()
         for p in run.model.module.parameters():
@@ -118,7 +133,8 @@ def _step(run: Run, x: torch.Tensor, y: torch.Tensor, accum: int) -> list[float]
 
 
 def _benchmark(ctx: DistContext, args: argparse.Namespace) -> None:
-    runs = [_make_run(ctx, size, c, args) for size in args.sizes for c in CONFIGS]
+    configs = [c for c in CONFIGS if c[1] == "torch" or args.configs is None or c[0] in args.configs]
+    runs = [_make_run(ctx, size, c, args) for size in args.sizes for c in configs]
     g = torch.Generator().manual_seed(ctx.rank)
     for round_index in range(args.rounds + 1):  # round 0 is warm-up
         for run in runs:
@@ -161,6 +177,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nproc", type=int, default=2, help="ranks to launch (CPU processes)")
     parser.add_argument("--sizes", default="small,medium", help=f"of {','.join(SIZES)}")
+    parser.add_argument("--configs", default=None,
+                        help="semicolon-separated configuration labels to run besides torch DDP "
+                             f"(default: all of {', '.join(c[0] for c in CONFIGS[1:])})")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
     parser.add_argument("--steps", type=int, default=5, help="steps per config per round")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per rank per step")
@@ -169,6 +188,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bucket_size", type=int, default=250_000, help="elements per bucket")
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
+    if args.configs is not None:
+        args.configs = args.configs.split(";")
+        labels = [c[0] for c in CONFIGS]
+        for label in args.configs:
+            if label not in labels:
+                raise ConfigError(f"--configs: unknown configuration {label!r}; expected some of "
+                                  f"{labels}")
     for size in args.sizes:
         if size not in SIZES:
             raise ConfigError(f"--sizes: unknown size {size!r}; expected some of {list(SIZES)}")
