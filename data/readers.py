@@ -178,8 +178,13 @@ def _accept(text: str | None, stats: ReadStats, reason_if_none: str) -> str | No
     if not text.strip():
         stats.skip("empty")
         return None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape: not Unicode text
+        stats.skip("bad_utf8")
+        return None
     stats.docs += 1
-    stats.bytes += len(text.encode("utf-8", errors="surrogatepass"))
+    stats.bytes += size
     return text
 
 

@@ -37,6 +37,7 @@ from utils.conversation import (
     IGNORE_INDEX,
     Message,
     encode_preference_pair,
+    is_unicode_text,
     record_to_messages,
     validate_messages,
 )
@@ -55,15 +56,17 @@ def preference_record(record: Any, where: str) -> tuple[list[Message], str, str]
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in ("chosen", "rejected"):
-        if not isinstance(record.get(key), str):
+        if not is_unicode_text(record.get(key)):
             raise DataError(
-                f"{where}: {key!r} must be a string (the assistant's reply), got {record.get(key)!r:.80}"
+                f"{where}: {key!r} must be a string (the assistant's reply; valid Unicode, no lone "
+                f"surrogates), got {record.get(key)!r:.80}"
             )
-    if isinstance(record.get("prompt"), str):
-        prompt = [{"role": "user", "content": record["prompt"]}]
-    elif "prompt" in record:
+    if "prompt" in record:
+        raw = record["prompt"]
+        if isinstance(raw, str):
+            raw = [{"role": "user", "content": raw}]
         try:
-            prompt = validate_messages(record["prompt"])
+            prompt = validate_messages(raw)
         except DataError as e:
             raise DataError(f"{where}: prompt: {e}") from None
     elif "conversations" in record or "messages" in record:

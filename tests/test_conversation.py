@@ -195,6 +195,11 @@ def test_record_formats():
         ({"conversations": [{"from": "gpt", "value": 3}]}, r"data.jsonl:7: conversations\[0\]"),
         ({"instruction": "x"}, r"data.jsonl:7: .*\['output'\]"),
         ({"instruction": "x", "output": "y", "input": None}, r"data.jsonl:7: .*\['input'\]"),
+        # JSON's "\ud800" decodes to a lone surrogate: a str that no tokenizer can encode
+        ({"messages": [{"role": "user", "content": "a \ud800"}]}, "data.jsonl:7: message 0"),
+        ({"instruction": "x", "output": "\udfff"}, "data.jsonl:7: message 1"),
+        ({"conversations": [{"from": ["human"], "value": "x"}]},  # unhashable "from"
+         r"data.jsonl:7: conversations\[0\]"),
     ],
 )
 def test_malformed_records_name_file_and_line(record, match):

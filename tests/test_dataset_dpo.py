@@ -44,7 +44,7 @@ HELDOUT = [{"prompt": "What is 4 + 4?", "chosen": "8", "rejected": "9"}]
 
 def _write(path, records):
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,9 @@ def test_heldout_split(data_dir, tokenizer_dir):
             {"prompt": [{"role": "human", "content": "q"}], "chosen": "x", "rejected": "y"},
             r"p\.jsonl:2: prompt: message 0",
         ),
+        ({"prompt": "q", "chosen": "x \ud800", "rejected": "y"},  # lone surrogate
+         r"p\.jsonl:2: 'chosen' must be a string"),
+        ({"prompt": "q \udfff", "chosen": "x", "rejected": "y"}, r"p\.jsonl:2: prompt: message 0"),
     ],
 )
 def test_malformed_pairs_name_file_and_line(tmp_path, tokenizer_dir, record, match):

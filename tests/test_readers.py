@@ -97,14 +97,15 @@ def test_bad_records_are_skipped_and_counted(tmp_path: Path) -> None:
         b'{"other": "x"}\n'
         b'{"text": "   "}\n'
         b'{"text": "bad \xff utf8"}\n'
+        b'{"text": "lone \\ud800 surrogate"}\n'  # valid JSON, but not encodable as UTF-8
         b"\n"
         b'{"text": "good two"}'  # no final newline
     )
     docs, stats = _read(path)
     assert docs == ["good one", "good two"]
     assert stats.skipped == {"bad_json": 1, "not_object": 1, "bad_field": 2, "empty": 1,
-                             "bad_utf8": 1}
-    assert "2 documents read, 6 records skipped" in stats.summary()
+                             "bad_utf8": 2}
+    assert "2 documents read, 7 records skipped" in stats.summary()
 
 
 def test_txt_bad_utf8_and_parquet_nulls(tmp_path: Path) -> None:

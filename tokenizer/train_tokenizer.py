@@ -117,7 +117,7 @@ def _sample_documents(
         for doc in iter_documents(path, text_field, stats):
             if rng.random() >= keep_prob:
                 continue
-            size = len(doc.encode("utf-8", errors="surrogatepass"))
+            size = len(doc.encode("utf-8"))
             if size > budget:
                 continue  # too big for what is left; a smaller later document may still fit
             budget -= size
@@ -129,7 +129,7 @@ def _cap_bytes(texts: Iterable[str], max_train_bytes: int | None) -> Iterator[st
     budget = max_train_bytes
     for text in texts:
         if budget is not None:
-            budget -= len(text.encode("utf-8", errors="surrogatepass"))
+            budget -= len(text.encode("utf-8"))
             if budget < 0:
                 return
         yield text

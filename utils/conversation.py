@@ -58,6 +58,18 @@ Message = dict[str, str]
 Segment = tuple[list[int], list[int]]  # (ids, labels) of one rendered message
 
 
+def is_unicode_text(value: Any) -> bool:
+    """A ``str`` that encodes as UTF-8: JSON allows lone surrogates (``"\\ud800"``), which
+    Python decodes into strings that no tokenizer can encode."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_messages(messages: Any) -> list[Message]:
     """Check the ``[{"role", "content"}, ...]`` shape; DataError naming the bad message."""
     if not isinstance(messages, list) or not messages:
@@ -68,10 +80,11 @@ def validate_messages(messages: Any) -> list[Message]:
         if (
             not isinstance(m, dict)
             or m.get("role") not in ROLES
-            or not isinstance(m.get("content"), str)
+            or not is_unicode_text(m.get("content"))
         ):
             raise DataError(
-                f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}"
+                f"message {i} must be {{'role': one of {ROLES}, 'content': str}} (valid Unicode, "
+                f"no lone surrogates), got {m!r:.120}"
             )
     return messages
 
@@ -229,7 +242,7 @@ def record_to_messages(record: Any, where: str) -> list[Message]:
         if "conversations" in record:
             return validate_messages(_sharegpt_to_messages(record["conversations"]))
         if "instruction" in record:
-            return _instruction_to_messages(record)
+            return validate_messages(_instruction_to_messages(record))
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
     raise DataError(
@@ -243,7 +256,8 @@ def _sharegpt_to_messages(turns: Any) -> list[Message]:
         raise DataError("'conversations' must be a non-empty list of {from, value} objects")
     messages = []
     for i, turn in enumerate(turns):
-        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        source = turn.get("from") if isinstance(turn, dict) else None
+        role = SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise DataError(
                 f"conversations[{i}] must be {{'from': one of {sorted(SHAREGPT_ROLES)}, "
