@@ -66,6 +66,9 @@ def pretokenize_sft(
         logger.info("%s is up to date (use --overwrite to rebuild)", out)
         return out
     dtype = np.dtype(tok_meta["dtype"])
+    # The meta file marks a complete directory: drop the old one before the first sample file is
+    # replaced, so that a run dying half-way never leaves new files described by old settings.
+    meta_path.unlink(missing_ok=True)
     for path, entry in zip(files, entries):
         samples = tokenize_file(tokenizer, path, max_seq_len + 1, dtype)
         write_samples(out / entry["prefix"], samples)

@@ -298,6 +298,21 @@ def test_cli_writes_then_skips_and_reports_errors(raw_dir, tokenizer_dir, tmp_pa
     assert err.startswith("error: ") and "/nonexistent" in err and "Traceback" not in err
 
 
+def test_a_rebuild_that_dies_half_way_leaves_no_valid_looking_directory(raw_dir, tokenizer_dir,
+                                                                      tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text((raw_dir / "chat.jsonl").read_text("utf-8"), "utf-8")
+    (raw / "b.jsonl").write_text("{not json\n", "utf-8")  # sorted after a.jsonl
+    out = tmp_path / "out"
+    pretokenize_sft(raw_dir, tokenizer_dir, MAX_SEQ_LEN, out)
+    with pytest.raises(DataError, match=r"b\.jsonl:1"):  # a.jsonl's files are rewritten first
+        pretokenize_sft(raw, tokenizer_dir, 2 * MAX_SEQ_LEN, out, overwrite=True)
+    assert not (out / "sft_meta.json").exists()
+    with pytest.raises(DataError):
+        SFTDataset(out, MAX_SEQ_LEN)
+
+
 # --- the bundled data/sample_sft set (data/build_sft_data.py) ----------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
