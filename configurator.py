@@ -31,6 +31,8 @@ CONFIG_FILE_NAME = "exp_config.json"
 
 # Keys that may differ from the saved config when resuming: they change how long the run goes
 # and how often it reports, never what it computes.
+# Keys naming input files or directories (saved absolute; see save_config).
+PATH_KEYS = ("data_dir", "tokenizer_dir", "data_mix", "init_from")
 RESUME_SAFE_KEYS = frozenset(
     {"max_iters", "eval_interval", "eval_iters", "log_interval", "save_interval", "resume",
      "tensorboard", "peak_flops"}
@@ -286,15 +288,19 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, tuple[Any, st
     return files, overrides
 
 
-def build_config(overrides: dict[str, tuple[Any, str]], base: Config | None = None) -> Config:
-    """Apply validated overrides on top of ``base`` (defaults when None)."""
+def build_config(
+    overrides: dict[str, tuple[Any, str]], base: Config | None = None, check: bool = True
+) -> Config:
+    """Apply overrides (each value type- and range-checked) on top of ``base`` (defaults when
+    None); ``check=False`` skips the cross-key checks of :func:`validate`."""
     cfg = Config() if base is None else config_from_flat(base.to_flat())
     for key, (value, source) in overrides.items():
         if key not in KEYS:
             raise _unknown_key_error(key, source)
         section, _ = KEYS[key]
         setattr(getattr(cfg, section), key, _convert(key, value, source))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -338,6 +344,11 @@ def save_config(cfg: Config, out_dir: str | os.PathLike) -> Path:
     # `resume` describes one invocation, not the experiment: a saved config must be able to
     # start a fresh run (python train.py OUT/exp_config.json --out_dir=NEW).
     saved["ckpt"]["resume"] = False
+    # Input paths are saved absolute: the run dir is read from other directories later
+    # (sample.py, utils.export_hf, --resume, --init_from=OUT_DIR).
+    for key in PATH_KEYS:
+        section = KEYS[key][0]
+        saved[section][key] = absolute_paths(key, saved[section][key])
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(saved, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -357,19 +368,45 @@ def load_config(path: str | os.PathLike) -> Config:
     return config_from_flat(_read_config_file(str(p)))
 
 
+def absolute_paths(key: str, value: str) -> str:
+    """``value`` of the path-valued ``key`` with its directories made absolute ('' stays '')."""
+    if not value:
+        return value
+    if key == "data_mix":  # 'dirA:0.7,dirB:0.3'
+        entries = [entry.rsplit(":", 1) for entry in value.split(",")]
+        return ",".join(
+            f"{os.path.abspath(e[0])}:{e[1]}" if len(e) == 2 else os.path.abspath(e[0])
+            for e in entries
+        )
+    return os.path.abspath(value)
+
+
 def resolve_config(argv: list[str]) -> Config:
-    """The run's config from the command line; with ``--resume``, the saved one plus safe overrides."""
+    """The run's config from the command line; with ``--resume``, the saved one plus safe overrides.
+
+    Without ``--resume``, an ``out_dir`` that already holds a run is an error: starting over in
+    it would mix two runs' checkpoints and metrics (and overwrite the saved config).
+    """
     _, overrides = parse_overrides(argv)
-    cfg = build_config(overrides)
-    if not cfg.ckpt.resume:
-        return cfg
+    cfg = build_config(overrides, check=False)
     saved_path = Path(cfg.ckpt.out_dir) / CONFIG_FILE_NAME
+    if not cfg.ckpt.resume:
+        validate(cfg)
+        if saved_path.is_file():
+            raise ConfigError(
+                f"out_dir={cfg.ckpt.out_dir!r} already holds a training run ({saved_path.name}); "
+                "pass --resume to continue it, or choose a new --out_dir (or delete the old one)"
+            )
+        return cfg
     if not saved_path.is_file():
         raise ConfigError(
             f"--resume: no saved config at {str(saved_path)!r}; pass the --out_dir of an earlier run"
         )
     saved = load_config(saved_path)
     saved_flat, new_flat = saved.to_flat(), cfg.to_flat()
+    for key in PATH_KEYS:
+        saved_flat[key] = absolute_paths(key, saved_flat[key])
+        new_flat[key] = absolute_paths(key, new_flat[key])
     changed = [
         k for k, (value, source) in overrides.items()
         if k not in RESUME_SAFE_KEYS and k != "out_dir" and new_flat[k] != saved_flat[k]

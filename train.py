@@ -322,8 +322,12 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
     from model.flops import flops_per_token, mfu, peak_flops
 
     o, c = cfg.optim, cfg.ckpt
+    # On --resume, rows logged after the checkpoint are dropped (they will be logged again); with no
+    # checkpoint yet (state.iter 0: checkpoints are never taken at 0), every row of the attempt
+    # that died, including its iter-0 eval.
+    resume_iter = (state.iter or -1) if c.resume else None
     metrics = MetricsLogger(c.out_dir, enabled=ctx.is_main, tensorboard=c.tensorboard,
-                            resume_iter=state.iter if c.resume else None)
+                            resume_iter=resume_iter)
 
     def heartbeat(phase: str) -> None:
         """Progress signal for monitor_process.py's hang detection (rank 0 writes it)."""

@@ -108,6 +108,37 @@ def test_resume_reloads_saved_config_and_allows_only_safe_overrides(tmp_path):
         resolve("--resume", f"--out_dir={tmp_path / 'nothing'}")
 
 
+def test_resume_checks_given_keys_against_the_saved_config_not_the_defaults(tmp_path):
+    run = tmp_path / "run"
+    save_config(resolve("--learning_rate=1e-2", "--min_lr=1e-3", f"--out_dir={run}"), run)
+    # min_lr=1e-3 exceeds the DEFAULT learning_rate, but equals the run's own setting
+    resumed = resolve("--resume", f"--out_dir={run}", "--min_lr=1e-3")
+    assert resumed.optim.min_lr == 1e-3 and resumed.optim.learning_rate == 1e-2
+
+
+def test_input_paths_are_saved_absolute_and_resume_compares_them_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    args = ["--data_dir=data", "--tokenizer_dir=./tok", "--data_mix=a:0.7,b/c:0.3", "--out_dir=run"]
+    save_config(resolve(*args), "run")
+    saved = load_config(tmp_path / "run")
+    assert saved.data.data_dir == str(tmp_path / "data")
+    assert saved.data.tokenizer_dir == str(tmp_path / "tok")
+    assert saved.data.data_mix == f"{tmp_path / 'a'}:0.7,{tmp_path / 'b' / 'c'}:0.3"
+    assert saved.task.init_from == ""  # unset stays unset
+    resumed = resolve(*args, "--resume")  # the same relative paths are not a change
+    assert resumed.data.data_dir == str(tmp_path / "data")
+    with pytest.raises(ConfigError, match="data_dir"):
+        resolve("--resume", "--out_dir=run", "--data_dir=other")
+
+
+def test_a_fresh_run_into_a_run_dir_is_refused(tmp_path):
+    run = tmp_path / "run"
+    save_config(resolve(f"--out_dir={run}"), run)
+    with pytest.raises(ConfigError, match="already holds a training run.*--resume"):
+        resolve(f"--out_dir={run}")
+
+
 def test_parse_overrides_order():
     files, overrides = parse_overrides(["--max_iters=3", "--max_iters=4"])
     assert files == [] and overrides["max_iters"][0] == "4"

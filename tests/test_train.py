@@ -143,3 +143,28 @@ def test_saved_config_starts_a_new_run_after_a_resume(tmp_path, pretok_dir, toke
     fresh = tmp_path / "fresh"
     run_train([str(run / "exp_config.json"), f"--out_dir={fresh}", "--max_iters=1"])
     assert losses(fresh)[1] == losses(run)[1]
+
+
+def test_resume_before_the_first_checkpoint_logs_every_row_once(tmp_path, pretok_dir, tokenizer_dir):
+    """A run that dies before its first save restarts from 0 (the monitor adds --resume): the rows
+    of the dead attempt, its iter-0 eval included, must not stay in metrics.jsonl."""
+    common = ["--max_iters=4", "--train_batch_size=4", "--eval_interval=2", "--save_interval=10"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(straight, pretok_dir, tokenizer_dir, *common)
+    r = train(crashed, pretok_dir, tokenizer_dir, *common, env={"Z2ALL_FAULT": "exit@iter=2"}, check=False)
+    assert r.returncode != 0 and not list((crashed / "checkpoints").glob("iter_*"))
+    assert any("val_loss" in row for row in metrics(crashed))  # the dead attempt did log
+    train(crashed, pretok_dir, tokenizer_dir, *common, "--resume")
+    keys = lambda rows: [(row["iter"], row.get("loss"), row.get("val_loss")) for row in rows]  # noqa: E731
+    assert keys(metrics(crashed)) == keys(metrics(straight))
+
+
+def test_a_new_run_into_an_existing_run_dir_is_refused(tmp_path, pretok_dir, tokenizer_dir):
+    """Without --resume, an out_dir holding a run is an error that changes nothing in it."""
+    run = tmp_path / "run"
+    train(run, pretok_dir, tokenizer_dir, "--max_iters=2", "--eval_interval=0")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = train(run, pretok_dir, tokenizer_dir, "--max_iters=3", "--learning_rate=1e-3", check=False)
+    assert r.returncode == 2 and "already holds a training run" in r.stderr and "--resume" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
