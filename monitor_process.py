@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configurator import CONFIG_FILE_NAME
 from utils.errors import ConfigError, run_cli
 from utils.logging_utils import get_logger, setup_logging
 from utils.metrics import HEARTBEAT_FILE, METRICS_FILE
@@ -55,13 +56,22 @@ _PROBE_SEPARATOR = "--z2all-monitor--"
 # ----------------------------------------------------------------------------- command handling
 
 
+def _option_name(arg: str) -> str | None:
+    """``out_dir`` for ``--out_dir=V``, ``--out-dir`` ... (train.py reads ``-`` as ``_``)."""
+    if not arg.startswith("--"):
+        return None
+    return arg[2:].split("=", 1)[0].replace("-", "_")
+
+
 def _option_value(command: list[str], name: str) -> str | None:
     """The last value of ``--name=V`` or ``--name V`` in ``command`` (None when absent)."""
     value = None
     for i, arg in enumerate(command):
-        if arg.startswith(f"--{name}="):
+        if _option_name(arg) != name:
+            continue
+        if "=" in arg:
             value = arg.split("=", 1)[1]
-        elif arg == f"--{name}" and i + 1 < len(command) and not command[i + 1].startswith("--"):
+        elif i + 1 < len(command) and not command[i + 1].startswith("--"):
             value = command[i + 1]
     return value
 
@@ -153,13 +163,18 @@ def resolve_out_dir(command: list[str], monitor_out_dir: str | None) -> tuple[st
 
 
 def resume_command(command: list[str], out_dir: str) -> list[str]:
-    """``command`` + ``--resume`` + ``--out_dir=out_dir``, each only when not already there."""
-    extra = []
-    if not any(arg == "--resume" or arg.startswith("--resume=") for arg in command):
-        extra.append("--resume")
+    """The restart command: ``command`` with ``--out_dir=out_dir`` when it has none, and with
+    ``--resume`` (replacing any ``--resume[=...]`` it has) once the run saved its config.
+
+    A first attempt that died before writing ``out_dir/exp_config.json`` (killed while
+    importing, stuck in the rendezvous) left nothing to resume: it restarts as it started.
+    """
+    restart = [arg for arg in command if _option_name(arg) != "resume"]
     if _option_value(command, "out_dir") is None:
-        extra.append(f"--out_dir={out_dir}")
-    return [*command, *extra]
+        restart.append(f"--out_dir={out_dir}")
+    if (Path(out_dir) / CONFIG_FILE_NAME).is_file():
+        restart.append("--resume")
+    return restart
 
 
 def backoff_delay(base: float, cap: float, runs_without_progress: int) -> float:

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from configurator import CONFIG_FILE_NAME  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.fault_injection import maybe_inject  # noqa: E402
 from utils.metrics import MetricsLogger, touch_heartbeat  # noqa: E402
@@ -86,6 +87,7 @@ def main() -> int:
     args = parse_args(sys.argv[1:])
     out_dir = Path(args["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE_NAME).write_text(json.dumps(args))  # as train.py does before training
     ckpt = out_dir / "ckpt.json"
     start, state = 0, "seed"
     if args["resume"] and ckpt.exists():

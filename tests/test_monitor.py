@@ -108,7 +108,7 @@ def test_out_dir_from_command_and_config_files(tmp_path):
     assert mp.command_out_dir(["python", "train.py", "--max_iters=3"]) is None
 
 
-def test_resolve_out_dir_and_resume_command():
+def test_resolve_out_dir_and_resume_command(tmp_path):
     assert mp.resolve_out_dir(["python", "train.py"], "m") == ("m", True)
     assert mp.resolve_out_dir(["python", "train.py", "--out_dir=o"], None) == ("o", False)
     assert mp.resolve_out_dir(["python", "train.py", "--out_dir=o"], "./o") == ("o", False)
@@ -116,10 +116,17 @@ def test_resolve_out_dir_and_resume_command():
         mp.resolve_out_dir(["python", "train.py", "--out_dir=o"], "other")
     with pytest.raises(ConfigError, match="--out_dir"):
         mp.resolve_out_dir(["python", "train.py"], None)
-    cmd = ["torchrun", "train.py", "--max_iters=5"]
-    assert mp.resume_command(cmd, "o") == [*cmd, "--resume", "--out_dir=o"]
-    again = mp.resume_command(mp.resume_command(cmd, "o"), "o")
-    assert again == [*cmd, "--resume", "--out_dir=o"]  # never duplicated
+    assert mp.command_out_dir(["python", "train.py", "--out-dir=o"]) == "o"  # train.py's spelling too
+    cmd, o = ["torchrun", "train.py", "--max_iters=5"], str(tmp_path / "o")
+    # nothing saved yet (the first attempt died before writing its config): restart as started
+    assert mp.resume_command(cmd, o) == [*cmd, f"--out_dir={o}"]
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "exp_config.json").write_text("{}")
+    assert mp.resume_command(cmd, o) == [*cmd, f"--out_dir={o}", "--resume"]
+    again = mp.resume_command(mp.resume_command(cmd, o), o)
+    assert again == [*cmd, f"--out_dir={o}", "--resume"]  # never duplicated
+    assert mp.resume_command([*cmd, "--resume=false", f"--out-dir={o}"], o) == [
+        *cmd, f"--out-dir={o}", "--resume"]
 
 
 def test_backoff_doubles_up_to_the_cap():
