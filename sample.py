@@ -7,7 +7,9 @@
 
 --model_dir: a train.py run directory (its newest checkpoint), an exported HF directory or any
 Hugging Face Llama directory. --temperature=0 is greedy decoding. --chat renders the ChatML
-template (utils/conversation.py) and stops at <|im_end|>.
+template (utils/conversation.py) and stops at <|im_end|>. Prompt + new tokens never exceed the
+model's max_seq_len: a long prompt loses its start, and --max_new_tokens is lowered (with a
+warning) when it does not fit after the prompt.
 """
 
 from __future__ import annotations
@@ -84,6 +86,22 @@ def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device, dty
     return model, tokenizer
 
 
+def prompt_budget(max_new_tokens: int, max_seq_len: int) -> int:
+    """At most this many prompt tokens are kept, so that new tokens still fit the context.
+
+    Normally max_seq_len - max_new_tokens. When --max_new_tokens takes more than half the context
+    (e.g. the default 200 on a 128-token model) the prompt still keeps up to half of it, and
+    `complete` generates only what fits after the prompt instead.
+    """
+    budget = max(max_seq_len - max_new_tokens, max_seq_len // 2)
+    if budget < 1:
+        raise ConfigError(
+            f"the model's context (max_seq_len={max_seq_len}) has no room for a prompt and "
+            f"--max_new_tokens={max_new_tokens} new tokens"
+        )
+    return budget
+
+
 def complete(
     model,
     prompt_ids: list[int],
@@ -91,21 +109,37 @@ def complete(
     eos_id: int | None,
     generator: torch.Generator,
 ) -> list[list[int]]:
-    """New token ids (without the prompt, cut after the first eos) for num_samples rows."""
-    room = model.config.max_seq_len - args.max_new_tokens
-    if len(prompt_ids) > room > 0:
+    """New token ids (without the prompt, cut after the first eos) for num_samples rows.
+
+    Prompt + new tokens never exceed the model's max_seq_len: a long prompt loses its first
+    tokens (see `prompt_budget`), and fewer than --max_new_tokens are generated when they do not
+    fit after the prompt; both with a warning.
+    """
+    max_seq_len = model.config.max_seq_len
+    room = prompt_budget(args.max_new_tokens, max_seq_len)
+    if len(prompt_ids) > room:
         logger.warning(
             "prompt of %d tokens cut to its last %d (max_seq_len %d)",
             len(prompt_ids),
             room,
-            model.config.max_seq_len,
+            max_seq_len,
         )
         prompt_ids = prompt_ids[-room:]
+    max_new_tokens = min(args.max_new_tokens, max_seq_len - len(prompt_ids))
+    if max_new_tokens < args.max_new_tokens:
+        logger.warning(
+            "--max_new_tokens=%d exceeds the model's context (max_seq_len=%d): generating at "
+            "most %d new tokens after a prompt of %d tokens",
+            args.max_new_tokens,
+            max_seq_len,
+            max_new_tokens,
+            len(prompt_ids),
+        )
     device = model.lm_head.weight.device
     x = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
     out = model.generate(
         x,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -137,9 +171,9 @@ def chat(model, tokenizer, args: argparse.Namespace, generator: torch.Generator)
             if user.strip() in ("exit", "quit"):
                 return
         messages.append({"role": "user", "content": user})
-        ids = encode_generation_prompt(
-            tokenizer, messages, max_len=model.config.max_seq_len - args.max_new_tokens
-        )
+        # Fit the budget here, dropping the oldest rounds first; `complete` would cut blindly.
+        room = prompt_budget(args.max_new_tokens, model.config.max_seq_len)
+        ids = encode_generation_prompt(tokenizer, messages, max_len=room)
         replies = complete(model, ids, args, IM_END_ID, generator)
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
         for text in texts:

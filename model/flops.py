@@ -27,21 +27,27 @@ import torch.nn as nn
 from model.configuration_z2all import PRESETS, Z2allConfig
 from utils.errors import ConfigError, run_cli
 
-# Dense peak FLOP/s per GPU for 16-bit matmuls (vendor data sheets). Matched by substring of
-# torch.cuda.get_device_name(), first hit wins (so "H100 PCIe" is listed before "H100").
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("A10G", 125e12),
-    ("L4", 121e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),
-)
+# Dense peak FLOP/s per GPU for BF16 matmuls with FP32 accumulation, from the vendor data sheets
+# (FP16 for the V100, which has no BF16). Where a sheet prints only the 2:4-sparse figure, this
+# is half of it (e.g. H100 NVL: 1,671 TFLOPS sparse). Matched by substring of
+# torch.cuda.get_device_name(); the longest matching key wins, so "NVIDIA L40S" is an L40S (not
+# an L40 or L4) and "NVIDIA H100 NVL" an H100 NVL (not an H100 SXM).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,  # H200 SXM
+    "H200 NVL": 835e12,
+    "H100": 989e12,  # H100 SXM
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+}
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -70,7 +76,8 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) 
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    key = max((k for k in PEAK_BF16_FLOPS if k in name), key=len, default=None)
+    return None if key is None else PEAK_BF16_FLOPS[key]
 
 
 def parameter_report(model: nn.Module) -> str:

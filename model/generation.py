@@ -87,6 +87,11 @@ def generate(
             f"top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])"
         )
     B, T = input_ids.shape
+    if T == 0:
+        raise ValueError(
+            f"generate() needs a prompt of at least one token per row, got input_ids of shape "
+            f"{tuple(input_ids.shape)}"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     check_left_padded(attention_mask)

@@ -1,5 +1,7 @@
 """generate(): KV cache vs full recomputation, left padding, EOS, sampling filters; sample.py."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import sample
 from model.configuration_z2all import Z2allConfig
 from model.generation import sample_next_token
 from model.modeling_z2all import Z2allForCausalLM
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 
 V = 97
 PAD = 3
@@ -77,6 +79,11 @@ def test_sampling_with_cache_equals_sampling_without(model):
 def test_right_padding_is_rejected(model):
     with pytest.raises(ValueError, match="LEFT-padded"):
         model.generate(torch.tensor([[5, 6, PAD]]), torch.tensor([[1, 1, 0]]), max_new_tokens=1)
+
+
+def test_empty_prompt_is_rejected(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), max_new_tokens=1)
 
 
 def test_sampling_filters():
@@ -150,3 +157,55 @@ def test_sample_cli_errors_are_user_errors(tmp_path, model_dir):
         sample.main([f"--model_dir={tmp_path}", "--prompt=x"])
     with pytest.raises(UserError, match="--prompt is required"):
         sample.main([f"--model_dir={model_dir}"])
+
+
+@pytest.fixture
+def generate_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(prompt length, returned length) of every Z2allForCausalLM.generate call in the test."""
+    calls = []
+    original = Z2allForCausalLM.generate
+
+    def spy(self, input_ids, *args, **kwargs):
+        out = original(self, input_ids, *args, **kwargs)
+        calls.append((input_ids.shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(Z2allForCausalLM, "generate", spy)
+    return calls
+
+
+# (prompt tokens, --max_new_tokens) -> (prompt tokens kept, new tokens) for max_seq_len 64:
+# the prompt keeps max(64 - max_new_tokens, 32) tokens, new tokens fill what is left.
+@pytest.mark.parametrize(
+    "prompt_len, max_new, kept, new",
+    [(5, 10, 5, 10), (100, 10, 54, 10), (5, 64, 5, 59), (5, 200, 5, 59), (100, 200, 32, 32)],
+)
+def test_complete_fits_prompt_and_new_tokens_into_max_seq_len(
+    model, generate_calls, prompt_len, max_new, kept, new
+):
+    args = argparse.Namespace(
+        max_new_tokens=max_new, num_samples=2, temperature=0.0, top_k=None, top_p=None
+    )
+    prompt = [t % V for t in range(prompt_len)]
+    rows = sample.complete(model, prompt, args, eos_id=None, generator=torch.Generator())
+    assert [len(r) for r in rows] == [new, new]
+    assert generate_calls == [(kept, kept + new)]
+    assert kept + new <= model.config.max_seq_len
+
+
+def test_prompt_budget_without_room_is_a_config_error():
+    assert sample.prompt_budget(max_new_tokens=200, max_seq_len=128) == 64
+    with pytest.raises(ConfigError, match="max_seq_len=1"):
+        sample.prompt_budget(max_new_tokens=1, max_seq_len=1)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_sample_cli_max_new_tokens_beyond_the_context(model_dir, generate_calls, chat, capsys):
+    """The default --max_new_tokens=200 on a max_seq_len=128 model: fewer tokens, a warning."""
+    argv = [f"--model_dir={model_dir}", "--prompt=Hello there", "--temperature=0"]
+    sample.main(argv + ["--chat"] if chat else argv)
+    captured = capsys.readouterr()
+    assert captured.out.startswith("assistant> " if chat else "Hello there")
+    assert "--max_new_tokens=200 exceeds the model's context (max_seq_len=128)" in captured.err
+    ((prompt_len, total),) = generate_calls
+    assert 0 < prompt_len < total <= 128

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.configuration_z2all import Z2allConfig, llama_ffn_dim
-from model.flops import flops_per_token, parameter_report
+from model.flops import flops_per_token, parameter_report, peak_flops
 from model.modeling_z2all import KVCache, Z2allForCausalLM, rope_cos_sin, rope_inv_freq
 from utils.errors import ConfigError, DataError
 
@@ -356,3 +356,33 @@ def test_flops_per_token_formula(tied):
     n = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64) + 64 + V * 64
     assert model.num_parameters() == n + (0 if tied else V * 64)
     assert flops_per_token(model, seq_len=32) == 6 * n + 12 * 2 * 4 * 16 * 32
+
+
+# torch.cuda.get_device_name() strings -> dense BF16 (FP16 for the V100) peak FLOP/s. Expected
+# values are NVIDIA's data sheets, which print the 2:4-sparse figure (halved here): H100 and
+# H200 sheets (SXM 1,979, NVL 1,671 TFLOPS sparse; H100 PCIe 1,513), L40 / L40S sheet
+# (181.05 / 362.05 dense), L4 sheet (242 sparse), A100 sheet (312 dense).
+DEVICE_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_PEAKS))
+def test_peak_flops_takes_the_most_specific_device_name(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda", torch.bfloat16) == DEVICE_PEAKS[name]
+    assert peak_flops("cuda", torch.float32) is None  # fp32 matmuls have other peaks
+
+
+def test_peak_flops_of_unknown_device_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA T4")
+    assert peak_flops("cuda") is None
+    assert peak_flops("cpu") is None
