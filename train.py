@@ -49,8 +49,9 @@ class TrainState:
 
     iter: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # loss units (target tokens or pairs) trained on
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.inf  # of the best checkpoint: saved right after an eval
     best_iter: int | None = None
+    last_eval: tuple[int, float] | None = None  # (iter, val_loss) of the latest eval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,10 +296,17 @@ def run(cfg: Config, ctx: DistContext) -> int:
         # A run that died before its first save: the monitor adds --resume to every restart.
         logger.warning("--resume: no valid checkpoint under %s yet; starting from iteration 0",
                        ckpt.checkpoint_root(c.out_dir))
-    vocab_size = padded_vocab_size(load_backend_tokenizer(cfg.data.tokenizer_dir).get_vocab_size())
+    tokenizer_vocab = load_backend_tokenizer(cfg.data.tokenizer_dir).get_vocab_size()
+    vocab_size = padded_vocab_size(tokenizer_vocab)
     task = build_task(cfg, ctx)
     weights = resume_from / ckpt.MODEL_SUBDIR if resume_from else cfg.task.init_from
     model = build_model(cfg, vocab_size, ctx, weights)
+    if model.config.vocab_size < tokenizer_vocab:
+        raise DataError(
+            f"{weights}: the model has {model.config.vocab_size} token embeddings but the tokenizer "
+            f"{cfg.data.tokenizer_dir} has {tokenizer_vocab} tokens; pass the --tokenizer_dir the "
+            "model was trained with"
+        )
     if isinstance(task, PreferenceTask):
         # The reference is its own copy of the --init_from weights, never a resumed policy.
         reference = build_model(cfg, vocab_size, ctx, cfg.task.init_from)
@@ -339,8 +347,7 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
         results = evaluate(train_model, task, cfg, ctx)
         results["val_ppl"] = math.exp(min(results["val_loss"], 50.0))
         metrics.log(state.iter, results)
-        if results["val_loss"] < state.best_val_loss:
-            state.best_val_loss, state.best_iter = results["val_loss"], state.iter
+        state.last_eval = (state.iter, results["val_loss"])
 
     decay_iters = o.lr_decay_iters or o.max_iters
     tokens_per_step = o.train_batch_size * o.gradient_accumulation_steps * cfg.model.max_seq_len
@@ -383,6 +390,9 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
             run_eval()
         if (c.save_interval and state.iter % c.save_interval == 0) or state.iter == o.max_iters:
             heartbeat("checkpoint_write")
+            # The best checkpoint is chosen among checkpoints: one saved right after an eval.
+            if state.last_eval and state.last_eval[0] == state.iter and state.last_eval[1] < state.best_val_loss:
+                state.best_val_loss, state.best_iter = state.last_eval[1], state.iter
             save(cfg, ctx, model, train_model, optimizer, sampler, state)
             t_last = time.perf_counter()  # checkpoint time is not training throughput
     metrics.close()

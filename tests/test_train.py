@@ -168,3 +168,35 @@ def test_a_new_run_into_an_existing_run_dir_is_refused(tmp_path, pretok_dir, tok
     assert r.returncode == 2 and "already holds a training run" in r.stderr and "--resume" in r.stderr
     assert "Traceback" not in r.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_best_checkpoint_is_the_saved_one_with_the_lowest_val_loss(tmp_path, pretok_dir, tokenizer_dir):
+    """Evals at 0, 2, ..., 12, saves at 4, 8, 12; a learning rate so high that the iter-0 eval is
+    the lowest: the best must still be a checkpoint that exists, the best of 4, 8, 12."""
+    import json
+
+    from train_utils import column
+
+    out = tmp_path / "run"
+    train(out, pretok_dir, tokenizer_dir, "--max_iters=12", "--train_batch_size=4", "--eval_interval=2",
+          "--save_interval=4", "--learning_rate=3", "--min_lr=3", "--warmup_iters=0")
+    val = column(out, "val_loss")
+    assert min(val, key=val.get) not in (4, 8, 12)  # the case this test is about
+    expected = min((4, 8, 12), key=val.get)
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best == {"iter": expected, "val_loss": val[expected]}
+    assert (out / "checkpoints" / f"iter_{expected:08d}").is_dir()
+
+
+def test_init_from_a_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_error(
+        tmp_path, pretok_dir, tokenizer_dir):
+    from model.configuration_z2all import Z2allConfig
+    from model.modeling_z2all import Z2allForCausalLM
+
+    small = tmp_path / "small_vocab"
+    Z2allForCausalLM(Z2allConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=32)
+                     ).save_pretrained(small)
+    r = train(tmp_path / "run", pretok_dir, tokenizer_dir, f"--init_from={small}", "--max_iters=1",
+              check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "64 token embeddings" in r.stderr and str(small) in r.stderr
