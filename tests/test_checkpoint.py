@@ -70,6 +70,22 @@ def test_retention_keeps_two_newest_and_best(tmp_path):
     assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["iter"] == 10
 
 
+def test_retention_removes_damaged_older_checkpoints_and_keeps_a_damaged_newest(tmp_path):
+    for it in (10, 20):
+        write(tmp_path, it)
+    root = tmp_path / "checkpoints"
+    (root / "iter_00000010" / ckpt.MARKER).unlink()  # a deletion killed half-way
+    (root / "iter_00000010" / "optimizer.pt").unlink()
+    write(tmp_path, 30)
+    bad = write(tmp_path, 40)
+    (bad / ckpt.MARKER).write_text("[]")  # damaged newest: valid JSON, not a manifest
+    assert ckpt.validate_checkpoint(bad) == "unreadable completion marker (not a JSON object)"
+    write(tmp_path, 35)  # retention runs again with iter_00000040 damaged
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert names == ["iter_00000030", "iter_00000035", "iter_00000040"]
+    assert ckpt.latest_valid_checkpoint(tmp_path) == root / "iter_00000035"
+
+
 def test_no_checkpoint_is_a_clear_error(tmp_path):
     assert ckpt.latest_valid_checkpoint(tmp_path) is None
     with pytest.raises(DataError, match="no valid checkpoint"):

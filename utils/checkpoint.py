@@ -99,6 +99,8 @@ def validate_checkpoint(ckpt_dir: Path) -> str | None:
         manifest = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as e:
         return f"unreadable completion marker ({e})"
+    if not isinstance(manifest, dict):
+        return "unreadable completion marker (not a JSON object)"
     for name, size in manifest.items():
         path = ckpt_dir / name
         if not path.is_file():
@@ -193,11 +195,19 @@ def _apply_retention(root: Path, trainer_state: dict[str, Any]) -> None:
     keep = {p.name for p in complete[:KEEP_NEWEST]}
     if best_name is not None:
         keep.add(best_name)
+    newest = complete[0].name if complete else ""
     for p in root.iterdir():
         if not p.is_dir():
             continue
-        stale_tmp = p.name.endswith(".tmp")
-        if stale_tmp or (p.name.startswith("iter_") and p.name not in keep and p in complete):
+        if p.name.endswith(".tmp"):  # a write that never committed
+            stale = True
+        else:
+            # Older than the newest complete checkpoint and not kept: complete ones past
+            # retention, and damaged ones (e.g. a deletion here that was killed half-way), which
+            # can never be used again. A damaged NEWER one stays for inspection (the loader
+            # reports it and falls back).
+            stale = p.name.startswith("iter_") and p.name not in keep and p.name < newest
+        if stale:
             shutil.rmtree(p, ignore_errors=True)
 
 
