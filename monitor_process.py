@@ -10,7 +10,9 @@ all its descendants inherit: SIGKILL sweeps reach every process carrying it, orp
 included, and none survive. Rules:
 
 - exit status 0: training finished, the monitor exits 0 and never restarts it;
-- exit status 2: a configuration error (``ConfigError``), restarting cannot help: exit 2;
+- exit status 2: a configuration error (``ConfigError``), restarting cannot help: exit 2. Under
+  a launcher that reports a failed rank as exit 1 (torchrun), the error is recognised by the
+  file ``out_dir/config_error.txt`` that ``utils.errors.run_cli`` writes (local runs);
 - any other exit, a death by signal, or a hang (no heartbeat / metrics.jsonl change for
   ``--hang_timeout`` seconds, the group is then SIGKILLed): restart with ``--resume`` and
   ``--out_dir=DIR`` appended (when missing) after an exponential back-off
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from configurator import CONFIG_FILE_NAME
-from utils.errors import ConfigError, run_cli
+from utils.errors import CONFIG_ERROR_FILE_VAR, ConfigError, run_cli
 from utils.logging_utils import get_logger, setup_logging
 from utils.metrics import HEARTBEAT_FILE, METRICS_FILE
 
@@ -49,6 +51,7 @@ logger = get_logger("monitor")
 
 CONFIG_ERROR_EXIT = 2  # utils.errors.ConfigError.exit_code: never retried
 REMOTE_PGID_FILE = "monitor_remote.pgid"
+CONFIG_ERROR_FILE = "config_error.txt"  # written by utils.errors.run_cli on a ConfigError
 RUN_TAG_VAR = "Z2ALL_MONITOR_RUN"  # environment variable marking every process of one attempt
 _PROBE_SEPARATOR = "--z2all-monitor--"
 
@@ -356,8 +359,17 @@ class Target:
     def start(self, command: list[str], attempt: int) -> subprocess.Popen:
         """Start ``command`` in a new session, its processes tagged with a fresh ``run_tag``."""
         self.run_tag = f"{os.getpid()}.{attempt}.{time.time_ns()}"
-        env = {**os.environ, RUN_TAG_VAR: self.run_tag}
+        report = Path(self.out_dir) / CONFIG_ERROR_FILE
+        report.unlink(missing_ok=True)
+        env = {**os.environ, RUN_TAG_VAR: self.run_tag, CONFIG_ERROR_FILE_VAR: str(report.resolve())}
         return subprocess.Popen(self.argv(command), start_new_session=True, env=env)
+
+    def config_error(self) -> str | None:
+        """The ConfigError message the last attempt reported through its file, if any."""
+        try:
+            return (Path(self.out_dir) / CONFIG_ERROR_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
 
     def argv(self, command: list[str]) -> list[str]:
         return command
@@ -570,6 +582,10 @@ class Supervisor:
                 return 0
             if result.returncode == CONFIG_ERROR_EXIT and not result.hung:
                 logger.error("exit status 2 is a configuration error: not restarting")
+                return CONFIG_ERROR_EXIT
+            reported = self.target.config_error()
+            if reported and not result.hung:
+                logger.error("the run reported a configuration error (%s): not restarting", reported)
                 return CONFIG_ERROR_EXIT
             iteration = self.target.progress().iteration
             if iteration is not None and (best_iter is None or iteration > best_iter):

@@ -201,6 +201,23 @@ def test_configuration_error_is_not_retried(tmp_path, how):
     assert "configuration error: not restarting" in (out_dir / "monitor.log").read_text()
 
 
+class ExitOneLauncher(FakeTrainer):
+    """The fake trainer under a launcher that turns every failure into exit 1 (as torchrun does)."""
+
+    def command(self, out_dir: Path, *extra: str) -> list[str]:
+        launcher = "import subprocess, sys; sys.exit(1 if subprocess.call(sys.argv[1:]) else 0)"
+        return [sys.executable, "-c", launcher, *super().command(out_dir, *extra)]
+
+
+def test_configuration_error_under_a_launcher_that_exits_1_is_not_retried(tmp_path):
+    out_dir = tmp_path / "run"
+    result = run_monitor(out_dir, ["--no_such_key=1"], [], trainer=ExitOneLauncher())
+    assert result.returncode == 2
+    assert len(attempts(out_dir)) == 1
+    log = (out_dir / "monitor.log").read_text()
+    assert "reported a configuration error" in log and "no_such_key" in log
+
+
 def test_restart_cap(tmp_path):
     out_dir = tmp_path / "run"
     result = run_monitor(out_dir, [], ["--max_restarts=2", "--crash_loop_restarts=10"],

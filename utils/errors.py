@@ -8,8 +8,13 @@ prints that message and exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+
+# When set (monitor_process.py sets it), a ConfigError's message is also written to this file:
+# launchers such as torchrun replace a rank's exit status 2 with their own 1.
+CONFIG_ERROR_FILE_VAR = "Z2ALL_CONFIG_ERROR_FILE"
 
 
 class UserError(Exception):
@@ -34,6 +39,13 @@ def run_cli(main: Callable[[], object]) -> None:
         result = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        report = os.environ.get(CONFIG_ERROR_FILE_VAR)
+        if report and isinstance(e, ConfigError):
+            try:
+                with open(report, "w", encoding="utf-8") as f:
+                    f.write(f"{e}\n")
+            except OSError:
+                pass  # the exit status still says it (when no launcher rewrites it)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
