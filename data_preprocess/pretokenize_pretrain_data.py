@@ -15,6 +15,11 @@ scratch name and renamed into place, the sidecar last, so a killed run leaves no
 looks finished and a re-run redoes exactly the unfinished files. An existing output made with
 a different tokenizer is an error unless ``--overwrite`` (so two corpora never get mixed up).
 
+Stale outputs are removed: the sidecar records the source's directory (``source.data_dir``), so
+at the end of a run an output made from a file of this ``--data_dir`` that is no longer among its
+inputs (renamed, deleted) is deleted with its sidecar and logged; otherwise the sample index
+would still train on it. Outputs of other data directories sharing ``--out_dir`` are kept.
+
 Parallelism (``--num_workers > 1``): a process pool over chunks. Files are cut into byte
 ranges (row groups for parquet) of at most ``--chunk_mb``, and small enough that every worker
 gets about four chunks (:func:`chunk_size`), so one big file keeps all workers busy. Each chunk
@@ -28,6 +33,7 @@ Documents are encoded with the tokenizer's Rust batch encoder with special-token
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import math
 import multiprocessing as mp
@@ -64,7 +70,7 @@ from tokenizer.tokenization import (
     load_backend_tokenizer,
     tokenizer_fingerprint,
 )
-from utils.errors import DataError, UserError, run_cli
+from utils.errors import ConfigError, DataError, run_cli
 from utils.logging_utils import get_logger, setup_logging
 
 logger = get_logger(__name__)
@@ -202,12 +208,17 @@ def output_path(source: Path, data_dir: Path, out_dir: Path) -> Path:
     return out_dir / rel.parent / (rel.name + BIN_SUFFIX)
 
 
+SOURCE_STAMP = ("path", "size", "mtime_ns")  # the sidecar's source fields an output must match
+
+
 def source_info(source: Path, data_dir: Path) -> dict:
+    """The sidecar's ``source``: the stamp plus the absolute data directory it was read from."""
     st = source.stat()
     return {
         "path": source.relative_to(data_dir).as_posix(),
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
+        "data_dir": str(data_dir.resolve()),
     }
 
 
@@ -232,8 +243,8 @@ def is_up_to_date(job: FileJob, expected: dict) -> bool:
         )
     if any(getattr(meta, k) != v for k, v in expected.items()):
         return False
-    if meta.source != job.source_stat:
-        return False
+    if any(meta.source.get(k) != job.source_stat[k] for k in SOURCE_STAMP):
+        return False  # data_dir may differ: a moved corpus is still up to date
     return job.out_bin.is_file() and job.out_bin.stat().st_size == meta.num_bytes
 
 
@@ -300,6 +311,44 @@ def finalize(job: FileJob, meta_fields: dict) -> TokenFileMeta:
     if stats.num_skipped:
         logger.warning("%s: %s", job.source, stats.summary())
     return meta
+
+
+def record_data_dir(job: FileJob) -> None:
+    """Rewrite an up-to-date output's sidecar whose ``source`` lacks this run's data directory
+    (written before it was recorded, or the corpus moved), so stale-output removal knows it."""
+    meta = read_meta(job.out_bin)
+    if meta.source != job.source_stat:
+        write_meta(job.out_bin, dataclasses.replace(meta, source=job.source_stat))
+
+
+def remove_stale_outputs(out_dir: Path, data_dir: Path, sources: list[Path]) -> list[Path]:
+    """Delete every output in ``out_dir`` made from a file of ``data_dir`` not in ``sources``.
+
+    The sidecar's ``source`` (``data_dir`` + relative ``path``) says where an output came from.
+    Outputs of another data directory, and ``.bin`` files without a readable sidecar or
+    without a recorded ``data_dir``, are left alone. Returns the removed ``.bin`` paths.
+    """
+    root = data_dir.resolve()
+    current = {root / src.relative_to(data_dir) for src in sources}
+    removed = []
+    for out_bin in sorted(out_dir.rglob("*" + BIN_SUFFIX)):
+        if not (out_bin.is_file() and meta_path(out_bin).is_file()):
+            continue
+        try:
+            source = read_meta(out_bin).source
+        except DataError:
+            continue  # not one of our outputs
+        made_from = Path(str(source.get("data_dir", "")), str(source.get("path", "")))
+        if made_from.is_absolute() and made_from.is_relative_to(root) and made_from not in current:
+            meta_path(out_bin).unlink()  # the completion marker goes first
+            out_bin.unlink()
+            logger.warning(
+                "removed stale output %s: its source %s is no longer an input file",
+                out_bin,
+                made_from,
+            )
+            removed.append(out_bin)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +449,7 @@ class PretokenizeSummary:
     out_dir: Path
     files_written: int
     files_skipped: int
+    files_removed: int  # stale outputs whose source left data_dir
     num_tokens: int
     stats: ReadStats
     seconds: float
@@ -421,9 +471,12 @@ def pretokenize(
     text_field: str | None = None,
     chunk_mb: float = 64,
 ) -> PretokenizeSummary:
-    """Tokenize every input file under ``data_dir`` that has no up-to-date output."""
+    """Tokenize every input file under ``data_dir`` that has no up-to-date output, then remove
+    the outputs of files that left ``data_dir`` (:func:`remove_stale_outputs`)."""
     if num_workers < 1:
-        raise UserError(f"--num_workers must be >= 1, got {num_workers}")
+        raise ConfigError(f"--num_workers must be at least 1, got {num_workers}")
+    if not (math.isfinite(chunk_mb) and chunk_mb > 0):
+        raise ConfigError(f"--chunk_mb must be a positive number of megabytes, got {chunk_mb}")
     start = time.perf_counter()
     data_dir = Path(data_dir)
     out_dir = default_out_dir(data_dir) if out_dir is None else Path(out_dir)
@@ -448,7 +501,12 @@ def pretokenize(
         FileJob(src, output_path(src, data_dir, out_dir), source_info(src, data_dir))
         for src in sources
     ]
-    todo = [job for job in jobs if overwrite or not is_up_to_date(job, expected)]
+    todo = []
+    for job in jobs:
+        if overwrite or not is_up_to_date(job, expected):
+            todo.append(job)
+        else:
+            record_data_dir(job)
     logger.info(
         "%d input files in %s: %d up to date, %d to tokenize into %s (%d workers)",
         len(jobs),
@@ -459,7 +517,7 @@ def pretokenize(
         num_workers,
     )
     total_bytes = sum(job.source_stat["size"] for job in todo)
-    chunk_bytes = chunk_size(total_bytes, num_workers, int(chunk_mb * 2**20))
+    chunk_bytes = chunk_size(total_bytes, num_workers, max(1, int(chunk_mb * 2**20)))
     for job in todo:
         job.out_bin.parent.mkdir(parents=True, exist_ok=True)
         remove_scratch(job.out_bin)
@@ -477,6 +535,7 @@ def pretokenize(
         raise
     finally:
         bar.close()
+    removed = remove_stale_outputs(out_dir, data_dir, sources)
 
     stats = ReadStats()
     for job in todo:
@@ -486,6 +545,7 @@ def pretokenize(
         out_dir,
         len(todo),
         len(jobs) - len(todo),
+        len(removed),
         sum(m.num_tokens for m in metas),
         stats,
         time.perf_counter() - start,
@@ -523,10 +583,11 @@ def main(argv: list[str] | None = None) -> None:
         args.chunk_mb,
     )
     logger.info(
-        "done in %.1fs: %d files written, %d up to date, %d tokens; %s",
+        "done in %.1fs: %d files written, %d up to date, %d stale removed, %d tokens; %s",
         summary.seconds,
         summary.files_written,
         summary.files_skipped,
+        summary.files_removed,
         summary.num_tokens,
         summary.stats.summary(),
     )

@@ -62,7 +62,8 @@ class TokenFileMeta:
     """Everything a reader must know about one ``.bin`` (the sidecar's content).
 
     ``source`` describes the raw input: ``{"path": relative path, "size": bytes,
-    "mtime_ns": int}``; an output is up to date when these and the tokenizer fingerprint match.
+    "mtime_ns": int, "data_dir": absolute input directory}``; an output is up to date when path,
+    size, mtime and the tokenizer fingerprint match (``data_dir`` tells which run owns it).
     ``skipped`` counts bad input records by reason (see ``data.readers.ReadStats``).
     """
 

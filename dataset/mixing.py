@@ -16,6 +16,9 @@ GlobalBatchSampler` (use ``shuffle=False``: the mix is already shuffled, and its
 effectively infinite) and resumes exactly from ``consumed_samples``. Per-source epochs at any
 point are :meth:`MixedDataset.source_epochs` (upsampled sources go round several times).
 
+All sources must come from one tokenizer (:func:`check_same_tokenizer`): token ids of
+different tokenizers mean different things, so mixing them would train on garbage.
+
 Worked example: weights 0.7 / 0.3, block_size 10 -> each block has 7 slots of A and 3 of B.
 Say block 1 is arranged ``A A B B A A A B A A``. Global sample 13 is block 1, slot 3: source B,
 the second B of its block, so ``j = 1 * 3 + 1 = 4`` (B's samples 0-2 were in block 0).
@@ -32,7 +35,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from dataset.dataset_pretrain import PretokDatasetWithIndex
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DataError
 from utils.logging_utils import get_logger, log_rank0
 
 logger = get_logger(__name__)
@@ -176,6 +179,23 @@ class MixedDataset(Dataset):
         )
 
 
+def check_same_tokenizer(sources: Sequence[Any], names: Sequence[str]) -> None:
+    """DataError naming two directories whose data comes from different tokenizers.
+
+    ``sources`` have ``tokenizer_fingerprint`` and ``vocab_size`` (``PretokDatasetWithIndex``:
+    read from each index header).
+    """
+    first, first_name = sources[0], names[0]
+    for src, name in zip(sources[1:], names[1:]):
+        if src.tokenizer_fingerprint != first.tokenizer_fingerprint:
+            raise DataError(
+                f"data_mix: {name} and {first_name} were pretokenized with different tokenizers "
+                f"(fingerprints {src.tokenizer_fingerprint[:12]}... and "
+                f"{first.tokenizer_fingerprint[:12]}..., vocab sizes {src.vocab_size} and "
+                f"{first.vocab_size}); re-tokenize them with the one tokenizer you train with"
+            )
+
+
 def mixed_pretrain_dataset(
     data_mix: str,
     max_seq_len: int,
@@ -189,6 +209,7 @@ def mixed_pretrain_dataset(
         PretokDatasetWithIndex(d, max_seq_len, split=split, seed=seed, valid_ratio=valid_ratio)
         for d, _ in mix
     ]
+    check_same_tokenizer(sources, [d for d, _ in mix])
     mixed = MixedDataset(sources, [w for _, w in mix], seed=seed, names=[d for d, _ in mix])
     for (d, _), src, w in zip(mix, sources, mixed.weights):
         log_rank0(logger, "data_mix %s: %s, %d samples, weight %.3f", split, d, len(src), w)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import pickle
+import shutil
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,10 +17,13 @@ from data_preprocess.build_pretrain_sample_index_map import build_index
 from dataset.dataset_pretrain import (
     PretokDataset,
     PretokDatasetWithIndex,
+    check_pretrain_tokenizer,
     split_sample_ids,
     valid_sample_ids,
 )
+from dataset.mixing import mixed_pretrain_dataset
 from tests.test_sample_index import reference_windows, write_corpus
+from tokenizer.tokenization import tokenizer_fingerprint
 from utils.errors import ConfigError, DataError
 
 SEQ = 4
@@ -53,6 +59,37 @@ def test_split_depends_on_seed_only():
     a = valid_sample_ids(10_000, 0.05, seed=1)
     assert np.array_equal(a, valid_sample_ids(10_000, 0.05, seed=1))
     assert not np.array_equal(a, valid_sample_ids(10_000, 0.05, seed=2))
+
+
+@pytest.mark.parametrize("num_valid", [5, 15])  # below and above half of the samples
+def test_valid_ids_are_a_uniform_subset(num_valid):
+    """Over many seeds every sample is valid with probability num_valid / num_samples."""
+    n, seeds = 20, 2000
+    hits = np.zeros(n, dtype=np.int64)
+    for seed in range(seeds):
+        ids = valid_sample_ids(n, num_valid / n, seed)
+        assert ids.dtype == np.int64 and len(ids) == num_valid
+        assert np.all(np.diff(ids) > 0) and 0 <= ids[0] and ids[-1] < n  # sorted, distinct
+        hits[ids] += 1
+    p = num_valid / n
+    sigma = np.sqrt(seeds * p * (1 - p))
+    assert np.all(np.abs(hits - seeds * p) < 5 * sigma), hits
+
+
+@pytest.mark.parametrize("num_samples,ratio", [(10_000_000, 0.021), (10**12, 1e-7)])
+def test_split_memory_is_proportional_to_the_valid_split(num_samples, ratio):
+    """Every rank builds the split: it must not allocate 8 bytes per sample of the corpus."""
+    tracemalloc.start()
+    try:
+        ids = valid_sample_ids(num_samples, ratio, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(ids) == round(ratio * num_samples) and np.all(np.diff(ids) > 0)
+    assert peak < 8 * 8 * len(ids)  # a few copies of the valid ids
+    assert peak < num_samples  # far below 8 bytes per sample
+    train, valid = split_sample_ids(num_samples, ratio, seed=0)
+    assert len(train) + len(valid) == num_samples and valid[len(valid) - 1] == ids[-1]
 
 
 def test_split_errors():
@@ -125,3 +162,33 @@ def test_streaming_valid_split_matches_indexed(corpus):
 def test_bad_split_name(corpus):
     with pytest.raises(ConfigError, match="split"):
         PretokDatasetWithIndex(corpus[0], SEQ, split="test")
+
+
+def other_tokenizer(tokenizer_dir, dest):
+    """A copy of ``tokenizer_dir`` with two ids swapped: a different token <-> id mapping."""
+    shutil.copytree(tokenizer_dir, dest)
+    spec = json.loads((dest / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = [t for t, i in vocab.items() if i in (300, 301)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dest / "tokenizer.json").write_text(json.dumps(spec))
+    return dest
+
+
+def test_check_pretrain_tokenizer(tmp_path, tokenizer_dir):
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        write_corpus(d, [8, 13], fingerprint=fingerprint)
+        build_index(d, SEQ)
+    datasets = [
+        PretokDatasetWithIndex(a, SEQ),
+        PretokDataset(a, SEQ, rank=0, world_size=1),
+        mixed_pretrain_dataset(f"{a}:1,{b}:1", SEQ),
+    ]
+    other = other_tokenizer(tokenizer_dir, tmp_path / "other_tok")
+    for ds in datasets:
+        check_pretrain_tokenizer(ds, tokenizer_dir)
+        with pytest.raises(DataError, match="different tokenizer") as e:
+            check_pretrain_tokenizer(ds, other)
+        assert str(a) in str(e.value) and str(other) in str(e.value)

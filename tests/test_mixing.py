@@ -15,7 +15,7 @@ from dataset.mixing import (
 )
 from dataset.sampler import GlobalBatchSampler
 from tests.test_sample_index import write_corpus
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DataError
 
 
 class Source:
@@ -130,3 +130,17 @@ def test_mixed_pretrain_dataset(tmp_path):
     from_b = [int(ds[g][0][0]) >= 500 for g in range(n)]
     assert from_b == [ds.schedule.locate(g)[0] == 1 for g in range(n)]
     assert sum(from_b) == n // 4
+
+
+@pytest.mark.parametrize("vocab_b", [1000, 70_000])  # same dtype; uint16 vs uint32
+def test_mix_of_different_tokenizers_rejected(tmp_path, vocab_b):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_corpus(a, [41], fingerprint="tokenizer-one")
+    write_corpus(b, [41], vocab_size=vocab_b, fingerprint="tokenizer-two")
+    write_corpus(c, [41], fingerprint="tokenizer-one")
+    for d in (a, b, c):
+        build_index(d, 4)
+    assert len(mixed_pretrain_dataset(f"{a}:1,{c}:1", 4, valid_ratio=0.0).sources) == 2
+    with pytest.raises(DataError, match="different tokenizers") as e:
+        mixed_pretrain_dataset(f"{a}:1,{c}:1,{b}:1", 4, valid_ratio=0.0)
+    assert str(a) in str(e.value) and str(b) in str(e.value)

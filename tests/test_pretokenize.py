@@ -16,17 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_preprocess.build_pretrain_sample_index_map import build_index, read_index
 from data_preprocess.pretokenize_pretrain_data import (
     DocumentEncoder,
     EncoderConfig,
     chunk_size,
     default_out_dir,
+    main,
     pretokenize,
 )
 from data_preprocess.token_file import meta_path, open_tokens, read_meta
 from data_preprocess.token_file import tmp_path as scratch_path
 from tokenizer.tokenization import BOS_ID, EOS_ID, encode_untrusted, load_tokenizer
-from utils.errors import DataError
+from utils.errors import DataError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,3 +281,87 @@ def test_chunk_size_balances_workers():
     assert chunk_size(50 * mb, 2, 64 * mb) == 50 * mb // 8  # ~4 chunks per worker
     assert chunk_size(2 * mb, 2, 64 * mb) == mb  # never below 1 MB
     assert chunk_size(2 * mb, 2, 1000) == 1000  # unless --chunk_mb asks for less
+
+
+def write_jsonl(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def bins(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*.bin")}
+
+
+def test_stale_outputs_are_removed(tmp_path, tokenizer_dir, tok, caplog):
+    """Outputs of renamed/deleted inputs go; another data dir's outputs in out_dir stay."""
+    raw, other, out = tmp_path / "raw", tmp_path / "other", tmp_path / "tok"
+    docs = {name: [f"{name} document {i} about debian" for i in range(5)] for name in "abcdx"}
+    for name in "abcd":
+        write_jsonl(raw / ("sub" if name == "c" else "") / f"{name}.jsonl", docs[name])
+    write_jsonl(other / "x.jsonl", docs["x"])
+    pretokenize(raw, tokenizer_dir, out)
+    pretokenize(other, tokenizer_dir, out)  # shares out_dir on purpose
+    (out / "junk.bin").write_bytes(b"\0\0")  # no sidecar: not ours, never touched
+    (raw / "b.jsonl").rename(raw / "b2.jsonl")
+    (raw / "sub" / "c.jsonl").rename(raw / "sub" / "c.jsonl.old")  # exists, no longer an input
+    (raw / "d.jsonl").unlink()
+    with caplog.at_level("INFO"):
+        summary = pretokenize(raw, tokenizer_dir, out)
+    assert (summary.files_written, summary.files_removed) == (1, 3)
+    assert bins(out) == {"a.jsonl.bin", "b2.jsonl.bin", "x.jsonl.bin", "junk.bin"}
+    assert {p.name for p in out.rglob("*.meta")} == {
+        "a.jsonl.bin.meta",
+        "b2.jsonl.bin.meta",
+        "x.jsonl.bin.meta",
+    }
+    removed_lines = [r.getMessage() for r in caplog.records if "removed stale" in r.getMessage()]
+    assert len(removed_lines) == 3
+    for name in ("b.jsonl", "sub/c.jsonl", "d.jsonl"):
+        assert sum(str(out / (name + ".bin")) in line for line in removed_lines) == 1
+    (out / "junk.bin").unlink()
+    # The index holds each current document exactly once (EOS after each).
+    build_index(out, 4)
+    want = sum(len(encode_untrusted(tok, d)) + 1 for n in "abx" for d in docs[n])
+    assert read_index(out, 4).header["num_tokens"] == want
+
+
+def test_moved_corpus_and_old_sidecars_stay_tracked(tmp_path, tokenizer_dir):
+    """A moved data dir stays up to date, and its outputs (and those of sidecars written before
+    the data dir was recorded) are still removed when their source goes."""
+    raw, out = tmp_path / "raw", tmp_path / "tok"
+    for name in "abc":
+        write_jsonl(raw / f"{name}.jsonl", [f"{name} text"])
+    pretokenize(raw, tokenizer_dir, out)
+    legacy = json.loads(meta_path(out / "c.jsonl.bin").read_text())
+    del legacy["source"]["data_dir"]
+    meta_path(out / "c.jsonl.bin").write_text(json.dumps(legacy))
+    raw.rename(tmp_path / "moved")
+    moved = tmp_path / "moved"
+    summary = pretokenize(moved, tokenizer_dir, out)
+    assert (summary.files_written, summary.files_skipped, summary.files_removed) == (0, 3, 0)
+    (moved / "a.jsonl").unlink()
+    (moved / "c.jsonl").unlink()
+    assert pretokenize(moved, tokenizer_dir, out).files_removed == 2
+    assert bins(out) == {"b.jsonl.bin"}
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["--num_workers=2", "--chunk_mb=0"], "--chunk_mb"),
+        (["--num_workers=2", "--chunk_mb=-3"], "--chunk_mb"),
+        (["--chunk_mb=nan"], "--chunk_mb"),
+        (["--num_workers=0"], "--num_workers"),
+    ],
+)
+def test_cli_rejects_bad_numbers(tmp_path, tokenizer_dir, capsys, args, option):
+    write_jsonl(tmp_path / "raw" / "a.jsonl", ["some text"])
+    out = tmp_path / "out"
+    argv = [f"--data_dir={tmp_path / 'raw'}", f"--tokenizer_dir={tokenizer_dir}"]
+    argv.append(f"--out_dir={out}")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv + args))
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0
+    assert err.startswith("error: ") and option in err and "Traceback" not in err
+    assert not out.exists()  # rejected before any work
