@@ -81,7 +81,7 @@ class DataConfig:
     tokenizer_dir: str = opt("", "tokenizer directory (AutoTokenizer format)")
     valid_ratio: float = opt(0.01, "fraction of samples held out for validation", min=0.0)
     data_mix: str = opt("", "weighted mix of data dirs, e.g. 'dirA:0.7,dirB:0.3'")
-    use_dataset_with_index: bool = opt(True, "pretrain: use the sample index (else random windows)")
+    use_dataset_with_index: bool = opt(True, "pretrain: read sample starts from the index file (false: compute them; same samples)")
     sft_type: str = opt("auto", "SFT record format: auto-detect per record, or require one",
                         choices=("auto", "conversation", "instruction"))
     sft_packing: bool = opt(False, "SFT: pack several samples per sequence")

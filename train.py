@@ -92,6 +92,9 @@ def validate_run_config(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': {value!r} does not exist")
     if d.data_mix and t.task_type != "pretrain":
         raise ConfigError("config key 'data_mix' applies to task_type=pretrain only")
+    if d.data_mix and not d.use_dataset_with_index:
+        raise ConfigError("data_mix reads every source through its sample index: "
+                          "use_dataset_with_index=false applies to a single data_dir only")
     if t.task_type == "dpo" and not t.init_from:
         raise ConfigError("task_type=dpo needs --init_from (the SFT model; it is also the reference)")
     if t.init_from and not Path(t.init_from).exists():
@@ -107,15 +110,19 @@ def build_task(cfg: Config, ctx: DistContext) -> Task:
     d, m, t = cfg.data, cfg.model, cfg.task
     split_args = dict(seed=t.seed, valid_ratio=d.valid_ratio)
     if t.task_type == "pretrain":
+        from dataset.dataset_pretrain import PretokDataset, PretokDatasetWithIndex, check_pretrain_tokenizer
+
         if d.data_mix:
             from dataset.mixing import mixed_pretrain_dataset
 
             make = lambda split: mixed_pretrain_dataset(d.data_mix, m.max_seq_len, split, **split_args)  # noqa: E731
         else:
-            from dataset.dataset_pretrain import PretokDatasetWithIndex
-
-            make = lambda split: PretokDatasetWithIndex(d.data_dir, m.max_seq_len, split, **split_args)  # noqa: E731
-        return LanguageModelingTask(make("train"), make("valid"))
+            # The same samples either way; without the index their starts are computed.
+            cls = PretokDatasetWithIndex if d.use_dataset_with_index else PretokDataset
+            make = lambda split: cls(d.data_dir, m.max_seq_len, split, **split_args)  # noqa: E731
+        train_set = make("train")
+        check_pretrain_tokenizer(train_set, d.tokenizer_dir)
+        return LanguageModelingTask(train_set, make("valid"))
     if t.task_type == "sft":
         from dataset.dataset_sft import SFTDataset, check_record_format
 

@@ -4,11 +4,17 @@
   tokens, stride ``max_seq_len``), O(1) random access through memmaps, constant memory.
 - :class:`PretokDataset`: iterable, endless random windows from the same sample grid, no index
   file needed (quick experiments; every rank and DataLoader worker draws its own seeded stream).
+  It is also indexable: ``ds[i]`` is the same sample as the indexed dataset's, its start computed
+  from the ``.bin`` sizes (train.py ``--use_dataset_with_index=false``).
 
-Both share the train/valid split of :func:`split_sample_ids`: a seeded choice of
+Both share the train/valid split of :func:`split_sample_ids`: a seeded uniform choice of
 ``round(valid_ratio * num_samples)`` samples is the valid split, the rest is train. It depends
 only on (num_samples, valid_ratio, seed), never on the world size, so resumed and differently
-parallelised runs see the same split, and no sample is in both.
+parallelised runs see the same split, and no sample is in both. Every rank computes it itself in
+memory proportional to the valid split (:func:`distinct_uniform_ids`), never to the corpus.
+
+:func:`check_pretrain_tokenizer` checks that a dataset was pretokenized with the tokenizer the
+model is trained with (the fingerprint recorded in the sample index header).
 
 Memmaps are opened lazily on first access and dropped when pickled, so a dataset built in the
 main process works in DataLoader worker processes without copying token data.
@@ -16,6 +22,7 @@ main process works in DataLoader worker processes without copying token data.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +41,7 @@ from data_preprocess.build_pretrain_sample_index_map import (
     window_pieces,
 )
 from data_preprocess.token_file import open_tokens
+from tokenizer.tokenization import tokenizer_fingerprint
 from utils.errors import ConfigError, DataError
 from utils.logging_utils import env_rank, env_world_size
 
@@ -55,8 +63,34 @@ def valid_sample_ids(num_samples: int, valid_ratio: float, seed: int) -> np.ndar
             f"{num_samples} samples cannot be split with valid_ratio={valid_ratio}: nothing would "
             "be left for training; add data, lower max_seq_len or lower valid_ratio"
         )
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(num_samples, size=num_valid, replace=False)).astype(np.int64)
+    return distinct_uniform_ids(num_samples, num_valid, np.random.default_rng(seed))
+
+
+def distinct_uniform_ids(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random k-subset of ``range(n)`` as sorted int64, in O(k) memory.
+
+    ``rng.choice(n, k, replace=False)`` allocates ``arange(n)`` once ``k > n / 50``. Instead,
+    draw ``m`` ids with replacement, where ``m = -n * log(1 - k / n)`` (plus 5%) is the number
+    of draws that yield ``k`` distinct ids on average, keep the distinct ones (redrawing more in
+    the rare case of fewer than ``k``), and pick ``k`` of them at random. The distinct values of
+    i.i.d. uniform draws are a uniform subset, and so is a random part of it. For ``k <= n / 2``,
+    ``m <= 1.4 k``; above that, the ``n - k`` ids left out are drawn instead and the rest
+    returned (memory O(n) = O(k) there). Deterministic given the rng's seed.
+    """
+    assert 0 <= k <= n, (k, n)
+    if 2 * k > n:
+        keep = np.ones(n, dtype=bool)
+        keep[distinct_uniform_ids(n, n - k, rng)] = False
+        return np.flatnonzero(keep).astype(np.int64)
+    draws = int(-n * math.log1p(-k / n) * 1.05) + 16
+    while True:
+        ids = np.sort(rng.integers(0, n, size=draws, dtype=np.int64))
+        ids = ids[np.concatenate(([True], ids[1:] != ids[:-1]))]  # distinct; np.unique is slower
+        if len(ids) >= k:
+            break
+        draws *= 2
+    rng.shuffle(ids)
+    return np.sort(ids[:k])
 
 
 def split_sample_ids(
@@ -146,6 +180,7 @@ class PretokDatasetWithIndex(Dataset):
         self.split = split
         self.num_tokens = index.corpus.num_tokens
         self.vocab_size = index.header["vocab_size"]
+        self.tokenizer_fingerprint = index.header["tokenizer_fingerprint"]
         self._stream = _TokenStream(index.corpus)
         self._index_file = index_path(data_dir, max_seq_len)
         self._starts_offset = index.starts.offset
@@ -201,7 +236,10 @@ class PretokDataset(IterableDataset):
                 f"{data_dir}: {corpus.num_tokens} tokens are too few for one sample "
                 f"of {max_seq_len + 1} tokens"
             )
+        self.data_dir = Path(data_dir)
         self.max_seq_len = max_seq_len
+        self.vocab_size = corpus.metas[0].vocab_size
+        self.tokenizer_fingerprint = corpus.metas[0].tokenizer_fingerprint
         self.seed = seed
         self.rank = env_rank() if rank is None else rank
         self.world_size = env_world_size() if world_size is None else world_size
@@ -210,13 +248,41 @@ class PretokDataset(IterableDataset):
         self.ids = train if split == "train" else valid
         self._stream = _TokenStream(corpus)
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i`` of the split, the same one as ``PretokDatasetWithIndex(...)[i]``: its
+        start is computed from the .bin sizes instead of read from the index file (train.py
+        ``--use_dataset_with_index=false``)."""
+        tokens = self._stream.window(
+            sample_starts(self.ids[i], self.max_seq_len), self.max_seq_len + 1
+        )
+        return tokens[:-1], tokens[1:]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
         worker_id = worker.id if worker is not None else 0
         rng = np.random.default_rng([self.seed, self.rank, worker_id])
         while True:
-            sample = self.ids[int(rng.integers(len(self.ids)))]
-            tokens = self._stream.window(
-                sample_starts(sample, self.max_seq_len), self.max_seq_len + 1
+            yield self[int(rng.integers(len(self)))]
+
+
+def check_pretrain_tokenizer(dataset: Dataset, tokenizer_dir: str | os.PathLike) -> None:
+    """Raise DataError unless every data directory behind ``dataset`` was pretokenized with the
+    tokenizer in ``tokenizer_dir`` (same :func:`~tokenizer.tokenization.tokenizer_fingerprint`).
+
+    ``dataset`` is a :class:`PretokDatasetWithIndex` (fingerprint from its index header), a
+    :class:`PretokDataset` (from its sidecars), or a ``dataset.mixing.MixedDataset`` of them
+    (each source is checked).
+    """
+    expected = tokenizer_fingerprint(tokenizer_dir)
+    for source in getattr(dataset, "sources", [dataset]):
+        if source.tokenizer_fingerprint != expected:
+            raise DataError(
+                f"{source.data_dir} was pretokenized with a different tokenizer than "
+                f"{tokenizer_dir} (fingerprint {source.tokenizer_fingerprint[:12]}..., "
+                f"{tokenizer_dir} has {expected[:12]}...); pass the --tokenizer_dir it was made "
+                "with, or re-run `python -m data_preprocess.pretokenize_pretrain_data` with this "
+                "tokenizer and --overwrite, then rebuild the sample index"
             )
-            yield tokens[:-1], tokens[1:]

@@ -200,3 +200,37 @@ def test_init_from_a_model_with_fewer_embeddings_than_the_tokenizer_is_a_clear_e
               check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "64 token embeddings" in r.stderr and str(small) in r.stderr
+
+
+def test_without_the_index_file_training_sees_the_same_samples(tmp_path, pretok_dir, tokenizer_dir):
+    """--use_dataset_with_index=false computes the sample starts from the .bin sizes: a copy of the
+    data without its index trains to exactly the losses of the indexed run."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(pretok_dir, bare, ignore=shutil.ignore_patterns("*.idx"))
+    assert not list(bare.glob("*.idx"))
+    common = ["--max_iters=4", "--train_batch_size=4", "--eval_interval=4"]
+    train(tmp_path / "indexed", pretok_dir, tokenizer_dir, *common)
+    train(tmp_path / "bare_run", bare, tokenizer_dir, *common, "--use_dataset_with_index=false")
+    assert metrics(tmp_path / "bare_run") and [
+        (r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "bare_run")
+    ] == [(r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics(tmp_path / "indexed")]
+
+
+def test_data_from_another_tokenizer_is_a_clear_error(tmp_path, pretok_dir, tokenizer_dir):
+    """The data's tokenizer fingerprint must match --tokenizer_dir (ids of another vocabulary
+    would train silently on garbage)."""
+    import json
+    import shutil
+
+    other = tmp_path / "other_tok"
+    shutil.copytree(tokenizer_dir, other)
+    tok = json.loads((other / "tokenizer.json").read_text("utf-8"))
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]  # two ordinary tokens swap ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok), "utf-8")
+    r = train(tmp_path / "run", pretok_dir, other, "--max_iters=1", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "different tokenizer" in r.stderr and str(other) in r.stderr
