@@ -416,6 +416,11 @@ def save(cfg: Config, ctx: DistContext, model: nn.Module, train_model: nn.Module
     rank_state: dict[str, Any] = {"rng": rng_state()}
     if hasattr(train_model, "comm_hook_state_dict"):  # PowerSGD error feedback, per rank
         rank_state["comm_hook"] = train_model.comm_hook_state_dict()
+    shared_state = {"sampler": sampler.state_dict()}
+    if hasattr(optimizer, "sharded_state_dict"):  # ZeRO-1: each rank saves its own shard
+        rank_state["optimizer"] = optimizer.sharded_state_dict()
+    else:
+        shared_state["optimizer"] = optimizer.state_dict()
     trainer_state = {
         "iter": state.iter, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
         "best_iter": state.best_iter, "world_size": ctx.world_size, "config": cfg.to_dict(),
@@ -423,8 +428,7 @@ def save(cfg: Config, ctx: DistContext, model: nn.Module, train_model: nn.Module
     path = ckpt.save_checkpoint(
         cfg.ckpt.out_dir, state.iter, ctx.rank,
         save_model=model.save_pretrained,
-        # A ZeRO-1 state_dict is a collective that gathers the shards: every rank evaluates it.
-        shared_state={"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()},
+        shared_state=shared_state,
         rank_state=rank_state,
         trainer_state=trainer_state,
         barrier=lambda: barrier(ctx.world_size),
@@ -437,9 +441,14 @@ def restore(path: Path, cfg: Config, ctx: DistContext, train_model: nn.Module, o
             sampler: Any, state: TrainState) -> None:
     """Load optimizer, data position, RNG and loop state (the weights are already loaded)."""
     trainer_state = ckpt.load_trainer_state(path)
-    optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
-    sampler.load_state_dict(ckpt.load_state(path, "sampler"))
     saved_world = trainer_state["world_size"]
+    if hasattr(optimizer, "load_sharded_state_dicts"):  # ZeRO-1, saved with any world size
+        optimizer.load_sharded_state_dicts(
+            ckpt.load_state(path, "optimizer", rank) for rank in range(saved_world)
+        )
+    else:
+        optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
+    sampler.load_state_dict(ckpt.load_state(path, "sampler"))
     if saved_world == ctx.world_size:
         set_rng_state(ckpt.load_state(path, "rng", ctx.rank))
         if hasattr(train_model, "load_comm_hook_state_dict"):

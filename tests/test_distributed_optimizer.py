@@ -12,6 +12,7 @@ O(lr) relative noise), so a 1e-6 comparison needs the smaller rate. A sharding b
 element by O(lr) = 1e-3, three orders above the tolerance.
 """
 
+import itertools
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +26,7 @@ from optimizer.mixed_precision import param_groups
 from parallel.dist_context import DistContext, all_reduce, init_distributed
 from parallel.distributed_data_parallel import DistributedDataParallel
 from parallel.distributed_optimizer import DistributedOptimizer, adamw_update_
-from parallel.distributed_optimizer.distributed_optimizer import STATE_FORMAT
+from parallel.distributed_optimizer.distributed_optimizer import SHARDED_FORMAT, STATE_FORMAT
 from utils.errors import DataError
 
 STEPS, BATCH, LR, WD, BETAS = 5, 12, 1e-3, 0.1, (0.9, 0.95)
@@ -298,19 +299,25 @@ def _save_then_continue(ctx: DistContext, path: str) -> dict:
     for step in range(SAVE_AT):
         _zero1_step(ctx, ddp, opt, step, 1)
     state = opt.state_dict()  # waits for the pending gathers: params below are current
+    torch.save(opt.sharded_state_dict(), f"{path}.rank{ctx.rank}")  # what train.py saves
     if ctx.rank == 0:
-        torch.save({"optimizer": state, "model": model.state_dict()}, path)
+        torch.save({"optimizer": state, "model": model.state_dict(), "world_size": ctx.world_size},
+                   path)
     losses = [_zero1_step(ctx, ddp, opt, step, 1)[0] for step in range(SAVE_AT, TOTAL)]
     opt.finish_param_sync()
     return {"losses": losses, "params": _params(model)}
 
 
-def _resume(ctx: DistContext, path: str) -> dict:
+def _resume(ctx: DistContext, path: str, sharded: bool) -> dict:
     saved = torch.load(path, weights_only=False)
     model = OddToyModel()
     model.load_state_dict(saved["model"])
     ddp, opt = _build(ctx, model, bucket_size=700, grad_clip=CLIP, overlap_optim_step=True)
-    opt.load_state_dict(saved["optimizer"])
+    if sharded:  # every saved rank's file, read one at a time
+        opt.load_sharded_state_dicts(torch.load(f"{path}.rank{r}", weights_only=False)
+                                     for r in range(saved["world_size"]))
+    else:
+        opt.load_state_dict(saved["optimizer"])
     losses = [_zero1_step(ctx, ddp, opt, step, 1)[0] for step in range(SAVE_AT, TOTAL)]
     return {"losses": losses, "params": _params(model)}
 
@@ -321,11 +328,15 @@ def test_checkpoint_reshards_across_world_sizes(tmp_path: Path):
     state = torch.load(path, weights_only=False)["optimizer"]
     assert state["format"] == STATE_FORMAT and state["step"] == SAVE_AT
     assert {k for e in state["params"].values() for k in e} == {"exp_avg", "exp_avg_sq"}  # fp32
-    for world_size in (2, 1, 3, 4):
+    shards = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(2)]
+    assert [s["format"] for s in shards] == [SHARDED_FORMAT] * 2
+    n_state = sum(p.numel() for p in OddToyModel().parameters())
+    assert sum(len(pc["exp_avg"]) for s in shards for pc in s["pieces"]) == n_state  # no overlap
+    for world_size, sharded in itertools.product((2, 1, 3, 4), (False, True)):
         if world_size == 1:  # in this process: a forked single rank would run 2 OpenMP threads
-            resumed = _resume(init_distributed(), path)  # after the parent's, which can hang
+            resumed = _resume(init_distributed(), path, sharded)  # after the parent's: can hang
         else:
-            resumed = run_distributed(_resume, path, world_size=world_size)[0]
+            resumed = run_distributed(_resume, path, sharded, world_size=world_size)[0]
         if world_size == 2:  # same world size: exact
             assert resumed["losses"] == original["losses"]
             for name, p in original["params"].items():
@@ -340,6 +351,12 @@ def test_load_rejects_a_foreign_state():
     ddp, opt = _build(init_distributed(), OddToyModel())
     with pytest.raises(DataError, match="not a ZeRO-1 checkpoint"):
         opt.load_state_dict({"optimizer": {}, "loss_scaler": {}})
+    with pytest.raises(DataError, match="not a sharded ZeRO-1 checkpoint"):
+        opt.load_sharded_state_dicts([opt.state_dict()])
+    shard = opt.sharded_state_dict()
+    shard["pieces"] = shard["pieces"][1:]  # as if a saved rank's file were missing
+    with pytest.raises(DataError, match="cover"):
+        opt.load_sharded_state_dicts([shard])
     state = opt.state_dict()
     state["params"]["fc1.weight"]["exp_avg"] = torch.zeros(3)
     with pytest.raises(DataError, match="fc1.weight"):

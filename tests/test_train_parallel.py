@@ -13,6 +13,8 @@ import pytest
 
 from train_utils import TINY, assert_close_series, column, losses, run_train
 
+from utils.checkpoint import latest_valid_checkpoint
+
 COMMON = ["--max_iters=6", "--train_batch_size=4", "--gradient_accumulation_steps=2", "--eval_interval=6",
           "--save_interval=3", "--lr_decay_iters=6", "--bucket_size=2000", "--learning_rate=1e-3"]
 
@@ -51,10 +53,14 @@ def test_two_ranks_match_single_process(tmp_path, pretok_dir, tokenizer_dir, sin
 def test_zero1_resumes_on_another_world_size(tmp_path, pretok_dir, tokenizer_dir, single_process,
                                              saved_on, resumed_on):
     """A ZeRO-1 checkpoint written at step 3 continues on another world size like the straight run
-    (the saved optimizer state is gathered per parameter, so it reshards to any layout)."""
+    (each rank saves its own shard as parameter pieces, which reshard to any layout)."""
     out = tmp_path / "reshard"
     args = pretrain_args(out, pretok_dir, tokenizer_dir, "--use_distributed_optimizer")
     run_train([*args, "--max_iters=3"], nproc=saved_on)
+    saved = latest_valid_checkpoint(out)
+    assert not (saved / "optimizer.pt").exists()  # sharded: one optimizer file per rank
+    assert sorted(p.name for p in saved.glob("optimizer_rank*.pt")) == [
+        f"optimizer_rank{r:05d}.pt" for r in range(saved_on)]
     run_train([f"--out_dir={out}", "--resume", "--max_iters=6"], nproc=resumed_on)
     assert_close_series(losses(out), losses(single_process), atol=1e-5)
 

@@ -34,16 +34,22 @@ groups. ``step`` drives the sync itself through ``ddp.iter_finished_groups()``; 
 loop already called ``ddp.finish_grad_sync()`` (as for plain DDP) the hook knows every bucket is
 reduced and ``step`` simply uses the result (correct, but nothing is overlapped).
 
-Checkpoint (``state_dict``, a collective: every rank calls it and gets the same dict) is
-gathered and layout-independent: per parameter NAME the fp32 ``exp_avg``, ``exp_avg_sq`` and,
-for bf16/fp16 models, the fp32 ``master`` (for fp32 models the saved model weights are the
-masters), plus the step count and the loss scaler. Any world size or bucket size loads it:
-every rank copies out the slices it owns.
+Checkpoints come in two forms, both layout-independent (any world size or bucket size loads
+them: every rank copies out the slices it owns). Each holds the fp32 ``exp_avg``, ``exp_avg_sq``
+and, for bf16/fp16 models, the fp32 ``master`` (for fp32 models the saved model weights are the
+masters), plus the step count and the loss scaler.
+
+* ``sharded_state_dict`` (what train.py saves, one file per rank, no communication): the pieces
+  of parameters this rank owns, each as a flat element range of its parameter. Loading
+  (``load_sharded_state_dicts``) reads the saved ranks' files one at a time, so no rank ever
+  holds more than its own shard plus one saved shard.
+* ``state_dict`` (a collective: every rank gets the same dict): per parameter NAME the whole
+  tensors, gathered. Simple to inspect; it costs every rank the full optimizer state in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +79,7 @@ from utils.logging_utils import get_logger, log_rank0
 logger = get_logger(__name__)
 
 STATE_FORMAT = "zero2all-zero1-gathered"
+SHARDED_FORMAT = "zero2all-zero1-sharded"
 STATE_VERSION = 1
 
 
@@ -467,6 +474,82 @@ class DistributedOptimizer:
                     p.data.copy_(saved[self.names[p]]["master"])
         self.step_count = int(state["step"])
         self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+    def _state_kinds(self, sb: ShardedBucket) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("master",) if sb.keeps_master else ())
+
+    @torch.no_grad()
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's part of the state, without communication (one file per rank).
+
+        ``{"format", "version", "step", "loss_scaler", "pieces": [{"name", "numel", "start",
+        "end", "exp_avg", "exp_avg_sq"[, "master"]}]}``: for every parameter piece this rank
+        owns, its flat element range ``[start, end)`` of the parameter and the fp32 values there.
+        """
+        self.finish_param_sync()  # the caller saves the model weights next: they must be current
+        pieces = []
+        for sb in self.buckets:
+            for ps, p in zip(sb.shard.params, sb.owners, strict=True):
+                dst = ps.shard.shift(-sb.shard.shard.start)
+                piece = {"name": self.names[p], "numel": p.numel(), "start": ps.param.start,
+                         "end": ps.param.end}
+                for kind in self._state_kinds(sb):
+                    piece[kind] = getattr(sb, kind)[dst.start : dst.end].cpu().clone()
+                pieces.append(piece)
+        return {
+            "format": SHARDED_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step_count,
+            "loss_scaler": self.loss_scaler.state_dict(),
+            "pieces": pieces,
+        }
+
+    @torch.no_grad()
+    def load_sharded_state_dicts(self, shards: Iterable[dict[str, Any]]) -> None:
+        """Load the ``sharded_state_dict`` of EVERY rank of a checkpoint, saved with any world
+        size or bucket layout. ``shards`` may be a generator (e.g. reading one file at a time):
+        each is scanned for the parts of this rank's pieces it covers."""
+        wanted: dict[str, list[tuple[ShardedBucket, Any, nn.Parameter]]] = {}
+        for sb in self.buckets:
+            for ps, p in zip(sb.shard.params, sb.owners, strict=True):
+                wanted.setdefault(self.names[p], []).append((sb, ps, p))
+        owned = sum(ps.param.size for pieces in wanted.values() for _, ps, _ in pieces)
+        copied, header = 0, None
+        self.finish_param_sync()
+        for shard in shards:
+            if shard.get("format") != SHARDED_FORMAT or shard.get("version") != STATE_VERSION:
+                raise DataError(
+                    f"optimizer state is not a sharded ZeRO-1 checkpoint (format "
+                    f"{shard.get('format')!r}, version {shard.get('version')!r}; expected "
+                    f"{SHARDED_FORMAT!r} v{STATE_VERSION}); resume with the same "
+                    "use_distributed_optimizer setting it was saved with"
+                )
+            header = header or shard
+            for piece in shard["pieces"]:
+                for sb, ps, p in wanted.get(piece["name"], ()):
+                    if piece["numel"] != p.numel():
+                        raise DataError(
+                            f"optimizer state of parameter {piece['name']!r} has {piece['numel']} "
+                            f"elements, the model has {p.numel()}"
+                        )
+                    lo, hi = max(piece["start"], ps.param.start), min(piece["end"], ps.param.end)
+                    if lo >= hi:
+                        continue
+                    dst = ps.shard.shift(-sb.shard.shard.start).start + lo - ps.param.start
+                    for kind in self._state_kinds(sb):
+                        if kind not in piece:
+                            raise DataError(f"optimizer state of parameter {piece['name']!r} has no "
+                                            f"{kind!r} (saved from a model of another dtype?)")
+                        src = piece[kind][lo - piece["start"] : hi - piece["start"]]
+                        getattr(sb, kind)[dst : dst + hi - lo].copy_(src)
+                    copied += hi - lo
+        if header is None or copied != owned:
+            raise DataError(
+                f"the optimizer shards cover {copied} of the {owned} state elements this rank owns "
+                "(a rank file missing, or state of another model?)"
+            )
+        self.step_count = int(header["step"])
+        self.loss_scaler.load_state_dict(header["loss_scaler"])
 
     def _checked_entry(self, saved: dict[str, Any], p: nn.Parameter, needs_master: bool) -> dict:
         name = self.names[p]
