@@ -647,6 +647,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                           "(no training command after a '--' separator)")
     if args.max_restarts < 0 or args.crash_loop_restarts < 1 or args.backoff < 0:
         raise ConfigError("--max_restarts and --backoff must be >= 0, --crash_loop_restarts >= 1")
+    for name in ("hang_timeout", "startup_timeout", "grace", "max_backoff"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:  # also rejects nan
+            raise ConfigError(f"--{name} must be >= 0 seconds, got {value}")
+    if not args.poll_interval > 0:
+        raise ConfigError(f"--poll_interval must be > 0 seconds, got {args.poll_interval}")
     return args, command
 
 

@@ -160,6 +160,9 @@ def test_usage_errors_exit_2(tmp_path):
     no_out_dir = subprocess.run([sys.executable, str(MONITOR), "--", "python", "train.py"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert no_out_dir.returncode == 2 and "--out_dir" in no_out_dir.stderr
+    for bad in ("--startup_timeout=-1", "--grace=-5", "--poll_interval=0", "--hang_timeout=nan"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            mp.parse_args([bad, "--", "python", "train.py"])
 
 
 # ----------------------------------------------------------------------------- end to end
