@@ -200,7 +200,7 @@ def _iter_jsonl(
             stats.skip("bad_utf8")
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.removeprefix("\ufeff"))  # a UTF-8 BOM (editors write one)
         except json.JSONDecodeError:
             stats.skip("bad_json")
             continue

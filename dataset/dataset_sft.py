@@ -156,7 +156,8 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(raw.decode("utf-8"))
+                # removeprefix: a UTF-8 byte order mark, which some editors write first
+                yield where, json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DataError(f"{where}: malformed JSON line ({e})") from None
 

@@ -278,6 +278,12 @@ def test_malformed_record_names_file_and_line(tmp_path, tokenizer_dir, line, mat
         SFTDataset(d, MAX_SEQ_LEN, tokenizer_dir=tokenizer_dir, cache_dir=tmp_path / "c")
 
 
+def test_a_byte_order_mark_is_not_a_malformed_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(MESSAGES[0]).encode() + b"\n")
+    assert [record for _, record in sft.iter_records(path)] == [MESSAGES[0]]
+
+
 def test_cli_writes_then_skips_and_reports_errors(raw_dir, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "cli_out"
     args = [

@@ -108,6 +108,13 @@ def test_bad_records_are_skipped_and_counted(tmp_path: Path) -> None:
     assert "2 documents read, 7 records skipped" in stats.summary()
 
 
+def test_jsonl_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    docs, stats = _read(path)
+    assert docs == ["first", "second"] and not stats.skipped
+
+
 def test_txt_bad_utf8_and_parquet_nulls(tmp_path: Path) -> None:
     txt = tmp_path / "a.txt"
     txt.write_bytes(b"ok\n\nbad \xff\n\nok too\n")
