@@ -52,6 +52,7 @@ class TrainState:
     best_val_loss: float = math.inf  # of the best checkpoint: saved right after an eval
     best_iter: int | None = None
     last_eval: tuple[int, float] | None = None  # (iter, val_loss) of the latest eval
+    reference_dir: str | None = None  # DPO: the model dir the frozen reference was loaded from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def train(argv: list[str]) -> int:
 
 def run(cfg: Config, ctx: DistContext) -> int:
     from dataset.sampler import GlobalBatchSampler
+    from model.modeling_z2all import resolve_model_dir
     from tokenizer.tokenization import load_backend_tokenizer, padded_vocab_size
 
     o, c = cfg.optim, cfg.ckpt
@@ -314,9 +316,18 @@ def run(cfg: Config, ctx: DistContext) -> int:
             f"{cfg.data.tokenizer_dir} has {tokenizer_vocab} tokens; pass the --tokenizer_dir the "
             "model was trained with"
         )
+    state = TrainState()
     if isinstance(task, PreferenceTask):
-        # The reference is its own copy of the --init_from weights, never a resumed policy.
-        reference = build_model(cfg, vocab_size, ctx, cfg.task.init_from)
+        # The reference is its own copy of the --init_from weights, never a resumed policy. It
+        # stays the checkpoint it was first read from: when --init_from is a run directory that
+        # saved newer checkpoints meanwhile, a resumed run must not switch to one of them.
+        pinned = ckpt.load_trainer_state(resume_from).get("reference_dir") if resume_from else None
+        if pinned and not Path(pinned).is_dir():
+            logger.warning("DPO reference %s no longer exists; loading the reference from %s again",
+                           pinned, cfg.task.init_from)
+            pinned = None
+        state.reference_dir = pinned or str(resolve_model_dir(cfg.task.init_from).resolve())
+        reference = build_model(cfg, vocab_size, ctx, state.reference_dir)
         task.set_reference(reference, cfg.task.precompute_ref_logps, o.train_batch_size, ctx.device)
     logger.info("model: %s parameters%s", f"{sum(p.numel() for p in model.parameters()):,}",
                 f", weights from {weights}" if weights else "")
@@ -324,7 +335,6 @@ def run(cfg: Config, ctx: DistContext) -> int:
     optimizer = build_optimizer(cfg, model, train_model)
     sampler = GlobalBatchSampler(len(task.train_set), o.train_batch_size, o.gradient_accumulation_steps,
                                  seed=cfg.task.seed, shuffle=not cfg.data.data_mix)
-    state = TrainState()
     if resume_from is not None:
         restore(resume_from, cfg, ctx, train_model, optimizer, sampler, state)
     train_loop(cfg, ctx, task, model, train_model, optimizer, sampler, state)
@@ -424,6 +434,7 @@ def save(cfg: Config, ctx: DistContext, model: nn.Module, train_model: nn.Module
     trainer_state = {
         "iter": state.iter, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
         "best_iter": state.best_iter, "world_size": ctx.world_size, "config": cfg.to_dict(),
+        "reference_dir": state.reference_dir,
     }
     path = ckpt.save_checkpoint(
         cfg.ckpt.out_dir, state.iter, ctx.rank,

@@ -98,3 +98,23 @@ def test_dpo_resume_keeps_init_weights_as_reference(tmp_path, dpo_data, tokenize
     run_train(dpo_args(split, dpo_data, tokenizer_dir, sft_run, "--save_interval=1", "--max_iters=2"))
     run_train([f"--out_dir={split}", "--resume", "--max_iters=3"])
     assert losses(split) == losses(straight)
+
+
+def test_dpo_resume_keeps_its_reference_when_the_init_run_saves_newer_checkpoints(
+        tmp_path, dpo_data, tokenizer_dir, sft_run):
+    """--init_from=RUN_DIR resolves to that run's newest checkpoint at the first start only: the
+    SFT run going on (a newer checkpoint) must not change the reference of a resumed DPO run."""
+    import shutil
+
+    from utils.checkpoint import latest_valid_checkpoint
+
+    sft_copy = tmp_path / "sft_copy"
+    shutil.copytree(sft_run, sft_copy)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(dpo_args(straight, dpo_data, tokenizer_dir, sft_run, "--save_interval=1", "--max_iters=3"))
+    run_train(dpo_args(split, dpo_data, tokenizer_dir, sft_copy, "--save_interval=1", "--max_iters=2"))
+    before = latest_valid_checkpoint(sft_copy)
+    run_train([f"--out_dir={sft_copy}", "--resume", "--max_iters=6"])  # the SFT run goes on
+    assert latest_valid_checkpoint(sft_copy) != before
+    run_train([f"--out_dir={split}", "--resume", "--max_iters=3"])
+    assert losses(split) == losses(straight)
