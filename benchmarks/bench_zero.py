@@ -64,7 +64,7 @@ def _setup(impl: str, model: torch.nn.Module, ctx: DistContext) -> tuple[Any, An
     if impl == "zero1":
         ddp = DistributedDataParallel(model, ctx, bucket_size=1_000_000)
         opt = DistributedOptimizer(ddp, lr=LR, weight_decay=WD, grad_clip=1.0)
-        return ddp, opt, lambda: (ddp.zero_grad_buffer(), opt.step(LR))
+        return ddp, opt, lambda: (opt.step(LR), ddp.zero_grad_buffer())  # step, then reset
     if impl == "ddp+adamw":
         ddp = DistributedDataParallel(model, ctx, bucket_size=1_000_000)
         opt = MixedPrecisionOptimizer(model, lr=LR, weight_decay=WD, grad_clip=1.0)

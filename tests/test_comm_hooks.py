@@ -162,6 +162,38 @@ def _bucketwise_training(ctx: DistContext, clip: float) -> dict[str, dict]:
     return results
 
 
+def _fp16_overflow_under_powersgd(ctx: DistContext) -> list[tuple[bool, float]]:
+    """fp16 + dynamic loss scaling: one overflowed step (skipped) must not poison the later ones
+    through PowerSGD's error feedback or warm-start Q."""
+    from optimizer.loss_scaler import DynamicLossScaler
+    from optimizer.mixed_precision import MixedPrecisionOptimizer
+    from parallel.distributed_data_parallel import wrap_model
+
+    model = ToyModel().half()
+    ddp = wrap_model(model, ctx, ddp_impl="my", bucket_size=1000, grad_reduce_in_fp32=True,
+                     comm_hook="powersgd", powersgd_rank=1, powersgd_start_iter=0)
+    opt = MixedPrecisionOptimizer(model, lr=1e-3, weight_decay=0.0,
+                                  loss_scaler=DynamicLossScaler(2.0**10))
+    log = []
+    for step in range(5):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        (x, y), = local_micro_batches(*toy_batch(step, 8), ctx.rank, ctx.world_size, 1)
+        opt.scale_loss(ddp(x, y)).backward()
+        if step == 1 and ctx.rank == 1:  # one overflow, on one rank, in one step
+            model.fc1.weight.main_grad[0, 0] = float("inf")
+        ddp.finish_grad_sync()
+        result = opt.step(1e-3)
+        log.append((result.stepped, result.loss_scale))
+    return log
+
+
+def test_powersgd_recovers_after_an_fp16_overflow():
+    for log in run_distributed(_fp16_overflow_under_powersgd, world_size=WORLD):
+        assert [stepped for stepped, _ in log] == [True, False, True, True, True], log
+        assert log[2][1] == log[0][1] / 2  # backed off once, then steps again
+
+
 @pytest.fixture(scope="module")
 def ranks():
     return run_distributed(_hooks_on_ranks, world_size=WORLD)

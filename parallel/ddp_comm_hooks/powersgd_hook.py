@@ -129,7 +129,14 @@ class PowerSGDHook:
             for m, p, q in zip(matrices, ps, qs, strict=True):
                 torch.matmul(p, q.T, out=m)
                 m.mul_(1.0 / world)
-            if self.use_error_feedback:
+            if not torch.isfinite(work).all():
+                # An overflowed step (fp16 loss scaling): the optimizer skips it. Its inf/nan
+                # must not stay in the error feedback or the warm-start Q, or every later step
+                # would be non-finite too. The reduced values are the same on every rank, so
+                # all ranks drop both and draw the next Q alike.
+                self.errors.pop(bucket.index, None)
+                self.qs.pop(bucket.index, None)
+            elif self.use_error_feedback:
                 error = local.sub_(work)
                 for r in vector_ranges:  # sent exactly: nothing lost, nothing to feed back
                     error[r.start : r.end] = 0
