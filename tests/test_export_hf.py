@@ -11,6 +11,7 @@ import torch
 
 from model.configuration_z2all import Z2allConfig
 from model.modeling_z2all import Z2allForCausalLM
+from utils.errors import ConfigError
 from utils.export_hf import export_hf, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,10 @@ def test_export_loads_in_transformers_with_same_logits_and_tokenizer(
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+    # transformers' generate() ends a chat reply at <|im_end|>, as our sample.py --chat does
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in hf.generation_config.eos_token_id and tok.eos_token_id in hf.generation_config.eos_token_id
+    assert hf.generation_config.pad_token_id == tok.pad_token_id
 
 
 def test_export_from_a_run_dir_uses_the_newest_checkpoint_and_the_saved_tokenizer(
@@ -85,3 +90,16 @@ def test_cli_errors_print_one_line_and_exit_nonzero(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: ") and "not a model directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_hf_dir_that_is_a_file_or_a_run_dir_is_refused(checkpoint, tmp_path):
+    _, ckpt = checkpoint
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "exp_config.json").write_text("{}")
+    for dest, match in ((a_file, "existing file"), (run_dir, "run directory")):
+        with pytest.raises(ConfigError, match=match):
+            main([f"--out_dir={ckpt}", f"--hf_dir={dest}"])
+    assert a_file.read_text() == "keep me" and not (run_dir / "config.json").exists()

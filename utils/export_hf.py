@@ -90,6 +90,10 @@ def export_hf(
     source, dest = resolve_model_dir(out_dir), Path(hf_dir)
     if dest.resolve() == source.resolve():
         raise ConfigError(f"--hf_dir={dest} is the checkpoint directory itself; choose another")
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"--hf_dir={dest} is an existing file, not a directory")
+    if (dest / "exp_config.json").is_file():
+        raise ConfigError(f"--hf_dir={dest} is a train.py run directory; choose another")
     tok_dir = locate_tokenizer_dir(out_dir, tokenizer_dir)
     model = Z2allForCausalLM.from_pretrained(source, dtype=None, kernels="torch")
     model.save_pretrained(dest, dtype=dtype)
@@ -99,7 +103,20 @@ def export_hf(
     else:
         names = copy_tokenizer_files(tok_dir, dest)
         logger.info("copied tokenizer files from %s: %s", tok_dir, ", ".join(names))
+        write_generation_config(dest)
     return dest
+
+
+def write_generation_config(dest: Path) -> None:
+    """``generation_config.json``: ``transformers``' ``generate()`` stops at ``</s>`` and at
+    ``<|im_end|>`` (the end of a chat reply), and pads with ``<pad>`` (ids of our tokenizers)."""
+    from transformers import GenerationConfig
+
+    from tokenizer.tokenization import BOS_ID, EOS_ID, IM_END_ID, PAD_ID
+
+    GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, IM_END_ID], pad_token_id=PAD_ID
+    ).save_pretrained(dest)
 
 
 def main(argv: list[str] | None = None) -> None:
