@@ -86,6 +86,14 @@ def test_retention_removes_damaged_older_checkpoints_and_keeps_a_damaged_newest(
     assert ckpt.latest_valid_checkpoint(tmp_path) == root / "iter_00000035"
 
 
+def test_a_damaged_state_file_of_the_right_size_is_a_clear_error(tmp_path):
+    path = write(tmp_path, 10)
+    opt = path / "optimizer.pt"
+    opt.write_bytes(b"\0" * opt.stat().st_size)  # same size: passes the manifest check
+    with pytest.raises(DataError, match=r"optimizer\.pt: unreadable"):
+        ckpt.load_state(path, "optimizer")
+
+
 def test_no_checkpoint_is_a_clear_error(tmp_path):
     assert ckpt.latest_valid_checkpoint(tmp_path) is None
     with pytest.raises(DataError, match="no valid checkpoint"):

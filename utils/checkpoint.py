@@ -224,4 +224,10 @@ def load_state(ckpt_dir: Path, name: str, rank: int | None = None) -> Any:
     path = ckpt_dir / (f"{name}.pt" if rank is None else rank_file(name, rank))
     if not path.is_file():
         raise DataError(f"checkpoint {ckpt_dir} has no {path.name}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise DataError(
+            f"{path}: unreadable ({type(e).__name__}: {e}); the file is damaged although its size "
+            "matches the manifest. Move this checkpoint directory away to resume from the previous one"
+        ) from e
