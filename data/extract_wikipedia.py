@@ -9,13 +9,18 @@ category, ...) and redirects (a ``<redirect>`` element or text starting with ``#
 skipped, as are articles that are empty after cleaning.
 
 :func:`clean_wikitext` turns wiki markup into plain text, in this order:
-comments ``<!-- -->``; references ``<ref .../>`` and ``<ref>...</ref>``; templates ``{{...}}``
-(nested, incl. infoboxes); tables ``{| ... |}`` (nested, line based); content-free tags
-(``<math>``, ``<gallery>``, ...); links ``[[File:..]]``/``[[Image:..]]``/``[[Category:..]]``
-(removed, even with nested links in a caption), ``[[target|label]]`` -> label, ``[[target]]``
--> target; external links ``[http://x label]`` -> label; bold/italic quotes; headings
-``== X ==`` -> ``X``; ``<br>`` -> newline; remaining HTML tags (their text kept); HTML
-entities; magic words (``__TOC__``); list markers at line starts; runs of blank lines.
+comments ``<!-- -->``; ``<nowiki>``/``<pre>`` (content kept as literal text, its markup
+characters shielded as HTML entities until the end); content-free tags (``<math>``,
+``<syntaxhighlight>``, ``<gallery>``, ...), dropped before templates so an unbalanced ``{{`` in a
+formula cannot swallow the article's later templates; references ``<ref .../>`` and
+``<ref>...</ref>``; templates ``{{...}}`` (nested, incl. infoboxes and ``{{math|e^{x}}}``);
+tables ``{| ... |}`` (nested, line based, also when indented as ``:{|`` or ``* {|``);
+language-conversion markup ``-{...}-`` (see :func:`replace_language_conversion`); external links
+``[http://x label]`` -> label (first, so one inside a file caption goes with the file); links
+``[[File:..]]``/``[[Image:..]]``/``[[Category:..]]`` (removed, even with nested links in a
+caption), ``[[target|label]]`` -> label, ``[[target]]`` -> target; bold/italic quotes; headings
+``== X ==`` -> ``X``; ``<br>`` -> newline; remaining HTML tags (their text kept); HTML entities;
+magic words (``__TOC__``); list markers at line starts; runs of blank lines.
 """
 
 from __future__ import annotations
@@ -42,11 +47,22 @@ logger = get_logger(__name__)
 _COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)
 _REF_SELF_CLOSING_RE = re.compile(r"<ref\b[^>]*/\s*>", re.IGNORECASE)
 _REF_RE = re.compile(r"<ref\b[^>]*>.*?</ref\s*>", re.IGNORECASE | re.DOTALL)
+_NOWIKI_EMPTY_RE = re.compile(r"<(?:nowiki|pre)\b[^>]*/\s*>", re.IGNORECASE)
+_NOWIKI_RE = re.compile(r"<(nowiki|pre)\b[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
+_WIKI_MARKUP_CHARS = frozenset("[]{}|'<>=*#:;_")
 _DROPPED_TAGS = ("math", "gallery", "timeline", "score", "syntaxhighlight", "source",
                  "imagemap", "references", "chem", "hiero")
 _DROPPED_TAG_RE = re.compile(
     r"<(%s)\b[^>]*>.*?</\1\s*>" % "|".join(_DROPPED_TAGS), re.IGNORECASE | re.DOTALL
 )
+_LANG_CONVERSION_RE = re.compile(r"-\{(.*?)\}-", re.DOTALL)
+_LANG_VARIANT = r"[a-z]{2,3}(?:-[a-z]{2,4})*"
+_LANG_FLAG = r"(?:[ADHNRT-]|%s)" % _LANG_VARIANT  # a flag letter, or a variant to show in
+_LANG_FLAGS_RE = re.compile(r"\s*(%s(?:\s*;\s*%s)*)\s*;?\s*\|(.*)" % (_LANG_FLAG, _LANG_FLAG),
+                            re.DOTALL)
+_LANG_VARIANT_SPLIT_RE = re.compile(r";(?=\s*%s\s*:)" % _LANG_VARIANT)
+_LANG_VARIANT_RE = re.compile(r"\s*(%s)\s*:(.*)" % _LANG_VARIANT, re.DOTALL)
+_LANG_PREFERRED_VARIANTS = ("zh-hans", "zh-cn")
 _INNER_LINK_RE = re.compile(r"\[\[([^\[\]]*)\]\]")
 _DROPPED_LINK_NAMESPACES = ("file", "image", "media", "category")
 _EXTERNAL_LINK_RE = re.compile(r"\[(?:https?|ftp)://[^\s\]]+(?:\s+([^\]]*))?\]")
@@ -60,26 +76,36 @@ _BLANK_LINES_RE = re.compile(r"\n{3,}")
 _REDIRECT_RE = re.compile(r"^\s*#redirect", re.IGNORECASE)
 
 
-def remove_balanced(text: str, open_mark: str, close_mark: str) -> str:
-    """Remove every outermost ``open_mark ... close_mark`` span, honouring nesting.
+def remove_templates(text: str) -> str:
+    """Remove every outermost ``{{ ... }}`` span, honouring nesting.
 
-    A stray close mark is kept as text; an unclosed open mark keeps the rest of the text (so a
-    typo never deletes the remainder of an article).
+    Single braces inside a template are content and are counted, so in ``{{math|e^{x}}}`` the
+    first ``}`` of ``}}}`` closes ``{x`` and the last two close the template (likewise the
+    ``{{{param}}}`` of template code). An open single brace only claims the first ``}`` of a
+    ``}}}``, so a lone ``{`` typo inside a template never keeps a plain ``}}`` from closing it.
+    A stray ``}}`` is kept as text; an unclosed ``{{`` keeps the rest of the text (so a typo never
+    deletes the remainder of an article).
     """
     out: list[str] = []
-    depth, start, i = 0, 0, 0  # start: where the kept text (depth 0) or the open span begins
+    depth, single, start, i = 0, 0, 0, 0  # single: open single braces inside the template
     while i < len(text):
-        if text.startswith(open_mark, i):
+        if text.startswith("{{", i):
             if depth == 0:
                 out.append(text[start:i])
                 start = i
             depth += 1
-            i += len(open_mark)
-        elif depth > 0 and text.startswith(close_mark, i):
+            i += 2
+        elif depth > 0 and single > 0 and text.startswith("}}}", i):
+            single -= 1
+            i += 1
+        elif depth > 0 and text.startswith("}}", i):
             depth -= 1
-            i += len(close_mark)
+            i += 2
             if depth == 0:
-                start = i
+                start, single = i, 0
+        elif depth > 0 and text[i] in "{}":
+            single = single + 1 if text[i] == "{" else max(single - 1, 0)
+            i += 1
         else:
             i += 1
     out.append(text[start:])
@@ -87,11 +113,14 @@ def remove_balanced(text: str, open_mark: str, close_mark: str) -> str:
 
 
 def remove_tables(text: str) -> str:
-    """Remove wiki tables: lines from ``{|`` to the matching ``|}`` (nested tables included)."""
+    """Remove wiki tables: lines from ``{|`` to the matching ``|}`` (nested tables included).
+
+    The marks count after leading whitespace and ``:*#;`` (``:{| class="wikitable"``).
+    """
     kept: list[str] = []
     depth = 0
     for line in text.split("\n"):
-        stripped = line.lstrip()
+        stripped = line.lstrip(" \t:*#;")  # a table may sit in an indent or list item
         if stripped.startswith("{|"):
             depth += 1
         elif depth > 0 and stripped.startswith("|}"):
@@ -99,6 +128,48 @@ def remove_tables(text: str) -> str:
         elif depth == 0:
             kept.append(line)
     return "\n".join(kept)
+
+
+def _shield_markup(match: re.Match[str]) -> str:
+    """``<nowiki>``/``<pre>`` content as literal text: markup characters become HTML entities,
+    which no later step matches and :func:`html.unescape` turns back at the end."""
+    return "".join(f"&#{ord(c)};" if c in _WIKI_MARKUP_CHARS else c for c in match.group(2))
+
+
+def _language_variant(text: str) -> str:
+    """``zh-hans:计算机; zh-hant:電腦;`` -> ``计算机`` (zh-hans, else zh-cn, else the first
+    variant); text that does not start with a variant code is returned as it is."""
+    variants: dict[str, str] = {}
+    for part in _LANG_VARIANT_SPLIT_RE.split(text.strip().rstrip(";")):
+        match = _LANG_VARIANT_RE.fullmatch(part)
+        if match is None:  # no variant code: plain text (only the first part can lack one)
+            return text
+        variants.setdefault(match.group(1), match.group(2).strip())
+    for code in _LANG_PREFERRED_VARIANTS:
+        if code in variants:
+            return variants[code]
+    return next(iter(variants.values()))
+
+
+def _replace_language_conversion(match: re.Match[str]) -> str:
+    content = match.group(1)
+    flagged = _LANG_FLAGS_RE.fullmatch(content)
+    if flagged is not None:
+        flags, content = set(re.split(r"\s*;\s*", flagged.group(1))), flagged.group(2)
+        if "A" not in flags and flags & {"H", "T", "-"}:
+            return ""  # a conversion rule for the page or its title: nothing is displayed
+    return _language_variant(content)
+
+
+def replace_language_conversion(text: str) -> str:
+    """Resolve MediaWiki language-conversion markup (zhwiki), shown as simplified Chinese.
+
+    ``-{zh-hans:计算机; zh-hant:電腦;}-`` -> the zh-hans variant (else zh-cn, else the first one);
+    ``-{Foo}-`` -> ``Foo``; rules that display nothing, ``-{H|...}-``, ``-{T|...}-`` and
+    ``-{-|...}-``, are dropped; ``-{A|...}-`` (a rule that is also displayed), other flags and
+    variant lists (``-{zh-hans;zh-hant|文字}-``) show their content like a plain ``-{...}-``.
+    """
+    return _LANG_CONVERSION_RE.sub(_replace_language_conversion, text)
 
 
 def _replace_link(match: re.Match[str]) -> str:
@@ -121,13 +192,16 @@ def replace_links(text: str) -> str:
 def clean_wikitext(text: str) -> str:
     """Plain text of one article's wikitext (see the module docstring for the steps)."""
     text = _COMMENT_RE.sub("", text)
+    text = _NOWIKI_EMPTY_RE.sub("", text)
+    text = _NOWIKI_RE.sub(_shield_markup, text)
+    text = _DROPPED_TAG_RE.sub("", text)
     text = _REF_SELF_CLOSING_RE.sub("", text)
     text = _REF_RE.sub("", text)
-    text = remove_balanced(text, "{{", "}}")
+    text = remove_templates(text)
     text = remove_tables(text)
-    text = _DROPPED_TAG_RE.sub("", text)
-    text = replace_links(text)
+    text = replace_language_conversion(text)
     text = _EXTERNAL_LINK_RE.sub(lambda m: m.group(1) or "", text)
+    text = replace_links(text)
     text = _BOLD_ITALIC_RE.sub("", text)
     text = _HEADING_RE.sub(lambda m: m.group(2), text)
     text = _BR_RE.sub("\n", text)
@@ -212,6 +286,8 @@ def _page_article(page: ET.Element, stats: ExtractStats) -> tuple[str, str] | No
 def extract(input_path: str | os.PathLike, output_path: str | os.PathLike) -> ExtractStats:
     """Write the articles of a dump as JSON lines; atomic (a temp file renamed at the end)."""
     output_path = Path(output_path)
+    if output_path.is_dir():  # checked before the dump is read, not after hours of parsing
+        raise DataError(f"output {str(output_path)!r} is a directory; give a .jsonl file path")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")
     stats = ExtractStats()

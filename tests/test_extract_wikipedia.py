@@ -13,8 +13,8 @@ from data.extract_wikipedia import (
     clean_wikitext,
     extract,
     iter_articles,
-    remove_balanced,
     remove_tables,
+    remove_templates,
 )
 from utils.errors import DataError
 
@@ -124,10 +124,72 @@ def test_clean_wikitext_pieces() -> None:
     assert clean_wikitext("__NOTOC__\nText") == "Text"
 
 
-def test_remove_balanced_nesting_and_typos() -> None:
-    assert remove_balanced("a{{b{{c}}d}}e{{f}}g", "{{", "}}") == "aeg"
-    assert remove_balanced("a}}b", "{{", "}}") == "a}}b"  # stray close kept
-    assert remove_balanced("keep {{unclosed and rest", "{{", "}}") == "keep {{unclosed and rest"
+def test_remove_templates_nesting_and_typos() -> None:
+    assert remove_templates("a{{b{{c}}d}}e{{f}}g") == "aeg"
+    assert remove_templates("a}}b") == "a}}b"  # stray close kept
+    assert remove_templates("keep {{unclosed and rest") == "keep {{unclosed and rest"
+    assert remove_templates("a{{b|x { y}}c") == "ac"  # a lone "{" typo does not hold the close
+
+
+def test_remove_templates_single_braces_in_content() -> None:
+    """``{{math|1=e^{i\\pi}}}``: the ``{i\\pi}`` group is template content, so ``}}}`` is
+    ``}`` (closing the group) followed by ``}}`` (closing the template)."""
+    assert remove_templates("x {{math|1=e^{i\\pi}}} y") == "x  y"
+    assert clean_wikitext("x {{math|1=e^{i\\pi}}} y {{math|{{mvar|x}}}} z") == "x  y  z"
+    assert remove_templates("a{{t|{{{1}}}}}b{{{p}}}c") == "abc"  # template parameters
+
+
+def test_dropped_tags_before_templates() -> None:
+    """An unbalanced ``{{`` inside <math>/<syntaxhighlight> is not template markup: the templates
+    after it are still removed."""
+    text = "A <math>\\mathbf{{v}_1}</math> b. {{citation needed}} c. {{Reflist}}"
+    assert clean_wikitext(text) == "A  b.  c."
+    text = '<syntaxhighlight lang="c">int f() {{ return 1; }</syntaxhighlight>x {{y}} z'
+    assert clean_wikitext(text) == "x  z"
+
+
+def test_nowiki_and_pre_are_literal() -> None:
+    """Markup inside <nowiki>/<pre> is shown as typed, and never opens a template or link."""
+    text = "Write <nowiki>{{cite}} and [[link]]</nowiki> here. {{citation needed}} Done."
+    assert clean_wikitext(text) == "Write {{cite}} and [[link]] here.  Done."
+    assert clean_wikitext("<pre>a {{ b</pre>\n{{stub}}after") == "a {{ b\nafter"
+    assert clean_wikitext("[[dog]]<nowiki/>s and ''<nowiki>''</nowiki>''") == "dogs and ''"
+
+
+def test_indented_tables_removed() -> None:
+    text = 'intro\n:{| class="wikitable"\n| CELL\n|}\nafter\n* {|\n| c2\n:{|\n| c3\n|}\n|}\nend'
+    assert remove_tables(text) == "intro\nafter\nend"
+    assert clean_wikitext(text) == "intro\nafter\nend"
+
+
+def test_external_link_inside_links() -> None:
+    """A file link goes whole even with an external link in its caption; a label may hold one."""
+    assert clean_wikitext("A [[File:x.jpg|thumb|see [http://example.com site] here]] B") == "A  B"
+    assert clean_wikitext("[[Foo|see [https://example.org the site] now]]") == "see the site now"
+
+
+def test_language_conversion() -> None:
+    """zhwiki ``-{...}-``: the zh-hans variant (else zh-cn, else the first), bare text as is,
+    rules that display nothing (H, T, -) dropped, A rules displayed."""
+    assert clean_wikitext("-{zh-hans:计算机; zh-hant:電腦;}-是一种设备") == "计算机是一种设备"
+    assert clean_wikitext("他是-{A|zh-hans:澳大利亚;zh-hant:澳洲}-人") == "他是澳大利亚人"
+    assert clean_wikitext("-{H|zh-hans:计算机; zh-hant:電腦;}-电脑") == "电脑"
+    assert clean_wikitext("-{T|zh-hans:标题;zh-hant:標題}-正文") == "正文"
+    assert clean_wikitext("a -{Foo}- b") == "a Foo b"
+    assert clean_wikitext("-{zh-tw:網路;zh-cn:网络}-") == "网络"
+    assert clean_wikitext("-{zh-tw:網路; zh-hk:網絡}-") == "網路"
+    assert clean_wikitext("-{[[巴黎|巴黎市]]}-") == "巴黎市"
+    assert clean_wikitext("-{zh-hans;zh-hant|文字}-") == "文字"
+
+
+def test_output_directory_is_data_error_before_reading(tmp_path: Path) -> None:
+    """The output path is checked first: a malformed dump is never even opened."""
+    bad = tmp_path / "bad.xml"
+    bad.write_text(build_dump()[:-30], encoding="utf-8")
+    out_dir = tmp_path / "outdir"
+    out_dir.mkdir()
+    with pytest.raises(DataError, match="outdir.*is a directory"):
+        extract(bad, out_dir)
 
 
 def test_remove_tables_nested() -> None:
@@ -162,3 +224,14 @@ def test_cli_missing_input(tmp_path: Path) -> None:
     assert "error: input dump" in proc.stderr and "nope.xml.bz2" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_output_is_directory(dump_path: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "data.extract_wikipedia", f"--input={dump_path}",
+         f"--output={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "error: output" in proc.stderr and str(tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr
