@@ -134,7 +134,7 @@ def build_task(cfg: Config, ctx: DistContext) -> Task:
                        packing=d.sft_packing, **split_args)
             for split in ("train", "valid")
         )
-        return LanguageModelingTask(train_set, valid_set, collate_fn=train_set.collate)
+        return LanguageModelingTask(train_set, valid_set, collate_fn=train_set.collate, pad_id=train_set.pad_id)
     from dataset.dataset_dpo import DPODataset
 
     train_set, valid_set = (
@@ -142,7 +142,8 @@ def build_task(cfg: Config, ctx: DistContext) -> Task:
         for split in ("train", "valid")
     )
     return PreferenceTask(train_set, valid_set, train_set.collate, beta=t.dpo_beta,
-                          loss_type=t.dpo_loss_type, label_smoothing=t.dpo_label_smoothing)
+                          loss_type=t.dpo_loss_type, label_smoothing=t.dpo_label_smoothing,
+                          pad_id=train_set.pad_id)
 
 
 def model_config(cfg: Config, vocab_size: int) -> Any:
@@ -177,15 +178,18 @@ def build_model(cfg: Config, vocab_size: int, ctx: DistContext, weights_dir: str
 def wrap_data_parallel(cfg: Config, model: nn.Module, ctx: DistContext) -> nn.Module:
     """The model as the training step sees it: itself on one rank, else a DDP wrapper.
 
-    ZeRO-1 always uses our DDP (its buffers are what the optimizer shards), even on one rank.
+    On one rank our DDP is still used for ZeRO-1 (its buffers are what the optimizer shards) and
+    for 16-bit params with grad_reduce_in_fp32: its fp32 grad buffer accumulates the micro-batches
+    as on several ranks, where autograd would add them up in bf16/fp16 in ``param.grad``.
     """
     p = cfg.parallel
-    if not ctx.is_distributed and not p.use_distributed_optimizer:
+    fp32_grads_for_16bit = DTYPES[cfg.optim.dtype] != torch.float32 and p.grad_reduce_in_fp32
+    if not ctx.is_distributed and not (p.use_distributed_optimizer or fp32_grads_for_16bit):
         return model
     from parallel.distributed_data_parallel import wrap_model
 
     return wrap_model(
-        model, ctx, p.ddp_impl, bucket_size=p.bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
+        model, ctx, "my" if not ctx.is_distributed else p.ddp_impl, bucket_size=p.bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
         grad_reduce_in_fp32=p.grad_reduce_in_fp32, comm_hook=p.comm_hook, powersgd_rank=p.powersgd_rank,
         powersgd_start_iter=p.powersgd_start_iter,
         powersgd_min_compression_rate=p.powersgd_min_compression_rate, seed=cfg.task.seed,
@@ -217,18 +221,20 @@ def train_step(
     ctx: DistContext,
     lr: float,
     iteration: int,
-) -> tuple[dict[str, float], StepResult, int]:
+) -> tuple[dict[str, float], StepResult, int, int]:
     """Forward/backward over this rank's micro-batches, gradient sync, one optimizer step.
 
     Each micro-batch's loss SUM is divided by the number of loss units in the whole global batch
     (all ranks) and multiplied by the world size, because data-parallel gradient averaging
     divides by it again. The gradient is then exactly that of the global-batch mean loss, for
     any world size and accumulation split. Returns (global means of loss and task metrics,
-    step result, global loss units).
+    step result, global loss units, global input tokens without padding).
     """
-    local_count = torch.tensor(float(sum(task.count(b) for b in batches)))
-    all_reduce(local_count, ctx.world_size)
-    global_count = int(local_count.item())
+    # float64: exact integer sums far beyond the 2**24 of float32
+    local = torch.tensor([sum(task.count(b) for b in batches),
+                          sum(task.input_tokens(b) for b in batches)], dtype=torch.float64)
+    all_reduce(local, ctx.world_size)
+    global_count, global_tokens = (int(v) for v in local.tolist())
     if global_count == 0:
         raise DataError("a global batch has no target tokens (every label is -100)")
     scale = ctx.world_size / global_count
@@ -244,7 +250,7 @@ def train_step(
         model.finish_grad_sync()
     maybe_inject("step", iteration, ctx.rank)  # fault-injection tests: die between backward and step
     result = optimizer.step(lr)
-    return global_means(sums, global_count, ctx), result, global_count
+    return global_means(sums, global_count, ctx), result, global_count, global_tokens
 
 
 def global_means(sums: dict[str, torch.Tensor], count: float, ctx: DistContext) -> dict[str, float]:
@@ -367,7 +373,6 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
         state.last_eval = (state.iter, results["val_loss"])
 
     decay_iters = o.lr_decay_iters or o.max_iters
-    tokens_per_step = o.train_batch_size * o.gradient_accumulation_steps * cfg.model.max_seq_len
     flops_tok = flops_per_token(model, cfg.model.max_seq_len)
     peak = cfg.ckpt.peak_flops or peak_flops(ctx.device, DTYPES[o.dtype])
     logger.info("training steps %d → %d, global batch %d sequences", state.iter, o.max_iters,
@@ -375,24 +380,30 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
     heartbeat("startup")
     if c.eval_interval and state.iter == 0:
         run_eval()
-    t_last, steps_since_log = time.perf_counter(), 0
+    # Throughput over the training steps since the last log row: the time of each step (batch
+    # building included; eval and checkpoint writes not) and the input tokens it processed
+    # (all ranks, padding excluded).
+    window_seconds, window_steps, window_tokens = 0.0, 0, 0
     while state.iter < o.max_iters:
+        step_start = time.perf_counter()
         lr = cosine_lr(state.iter, o.learning_rate, o.min_lr, o.warmup_iters, decay_iters)
         indices = rank_micro_batches(sampler.next_global_batch(), ctx.rank, ctx.world_size)
         batches = [task.collate([task.train_set[i] for i in mb]) for mb in indices]
         if hasattr(train_model, "zero_grad_buffer"):
             train_model.zero_grad_buffer()
         optimizer.zero_grad()
-        means, result, units = train_step(train_model, optimizer, task, batches, ctx, lr, state.iter + 1)
+        means, result, units, tokens = train_step(train_model, optimizer, task, batches, ctx, lr,
+                                                  state.iter + 1)
+        window_seconds += time.perf_counter() - step_start
+        window_steps += 1
+        window_tokens += tokens
         state.iter += 1
         state.tokens_seen += units
-        steps_since_log += 1
         heartbeat("step")
         if state.iter % c.log_interval == 0 or state.iter == o.max_iters:
-            dt = time.perf_counter() - t_last
-            tokens_per_sec = tokens_per_step * steps_since_log / dt
+            tokens_per_sec = window_tokens / window_seconds
             row = {**means, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": tokens_per_sec,
-                   "step_ms": 1000 * dt / steps_since_log, "epoch": sampler.epoch}
+                   "step_ms": 1000 * window_seconds / window_steps, "epoch": sampler.epoch}
             if peak:
                 row["mfu"] = mfu(tokens_per_sec / ctx.world_size, flops_tok, peak)
             if optimizer.loss_scaler.dynamic:
@@ -402,7 +413,7 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
             metrics.log(state.iter, row)
             if hasattr(task.train_set, "describe"):  # --data_mix: epochs of every source so far
                 logger.info("data mix: %s", task.train_set.describe(sampler.consumed_samples))
-            t_last, steps_since_log = time.perf_counter(), 0
+            window_seconds, window_steps, window_tokens = 0.0, 0, 0
         if c.eval_interval and (state.iter % c.eval_interval == 0 or state.iter == o.max_iters):
             run_eval()
         if (c.save_interval and state.iter % c.save_interval == 0) or state.iter == o.max_iters:
@@ -411,7 +422,6 @@ def train_loop(cfg: Config, ctx: DistContext, task: Task, model: nn.Module, trai
             if state.last_eval and state.last_eval[0] == state.iter and state.last_eval[1] < state.best_val_loss:
                 state.best_val_loss, state.best_iter = state.last_eval[1], state.iter
             save(cfg, ctx, model, train_model, optimizer, sampler, state)
-            t_last = time.perf_counter()  # checkpoint time is not training throughput
     metrics.close()
     logger.info("finished at step %d; checkpoints in %s", state.iter, ckpt.checkpoint_root(c.out_dir))
 

@@ -234,3 +234,61 @@ def test_data_from_another_tokenizer_is_a_clear_error(tmp_path, pretok_dir, toke
     r = train(tmp_path / "run", pretok_dir, other, "--max_iters=1", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "different tokenizer" in r.stderr and str(other) in r.stderr
+
+
+def test_bf16_micro_batches_accumulate_in_fp32_on_one_process(pretok_dir):
+    """--dtype=bfloat16 with grad_reduce_in_fp32 (default): one process sums the micro-batch
+    gradients in fp32, as several ranks do, not in bf16 in param.grad."""
+    from configurator import build_config
+    from dataset.dataset_pretrain import PretokDatasetWithIndex
+    from model.configuration_z2all import Z2allConfig
+    from model.modeling_z2all import Z2allForCausalLM
+    from optimizer.mixed_precision import MixedPrecisionOptimizer, make_loss_scaler, model_grad
+    from parallel.dist_context import DistContext
+    from parallel.distributed_data_parallel import DistributedDataParallel
+    from train import train_step, wrap_data_parallel
+    from utils.tasks import LanguageModelingTask
+
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), "gloo")
+    ds = PretokDatasetWithIndex(pretok_dir, 32, "train")
+    task = LanguageModelingTask(ds, ds)
+    batches = [task.collate([ds[2 * k], ds[2 * k + 1]]) for k in range(24)]
+    torch.manual_seed(0)
+    model = Z2allForCausalLM(Z2allConfig(vocab_size=1024, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                         max_seq_len=32)).to(torch.bfloat16)
+    reference = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    total = sum(task.count(b) for b in batches)
+    for b in batches:  # each micro-batch's bf16 gradient, summed in float64
+        model.zero_grad(set_to_none=True)
+        (task.loss(model, b).loss_sum / total).backward()
+        for r, p in zip(reference, model.parameters()):
+            r += p.grad.double()
+    model.zero_grad(set_to_none=True)
+    assert wrap_data_parallel(build_config({}), model, ctx) is model  # fp32 run: left alone
+    wrapped = wrap_data_parallel(build_config({"dtype": ("bfloat16", "test")}), model, ctx)
+    assert isinstance(wrapped, DistributedDataParallel)
+    optimizer = MixedPrecisionOptimizer(model, lr=0.0, weight_decay=0.0,
+                                        loss_scaler=make_loss_scaler(torch.bfloat16))
+    optimizer.step = lambda lr: None  # look at the gradients the step would use
+    train_step(wrapped, optimizer, task, batches, ctx, 0.0, 1)
+    got = [model_grad(p) for p in model.parameters()]
+    assert {g.dtype for g in got} == {torch.float32}
+    err = sum(((g.double() - r) ** 2).sum() for g, r in zip(got, reference)).sqrt()
+    assert err / sum((r ** 2).sum() for r in reference).sqrt() < 1e-5
+
+
+def test_throughput_rows_count_training_steps_only(tmp_path, pretok_dir, tokenizer_dir):
+    """Eval and checkpoint time stay out of step_ms / tokens_per_sec, and the tokens are the
+    ones processed (here no padding: batch × seq per step)."""
+    import statistics
+
+    out = tmp_path / "run"
+    train(out, pretok_dir, tokenizer_dir, "--max_iters=8", "--train_batch_size=4", "--eval_interval=2",
+          "--eval_iters=40", "--save_interval=3")
+    rows = [r for r in metrics(out) if "step_ms" in r]
+    assert [r["iter"] for r in rows] == list(range(1, 9))
+    for r in rows:  # tokens per step = tokens_per_sec × step time
+        assert r["tokens_per_sec"] * r["step_ms"] / 1000 == pytest.approx(4 * 32, rel=1e-6)
+    # each eval is ~10 training steps of work; counted in, it would dominate the next row
+    ms = [r["step_ms"] for r in rows]
+    assert max(ms) < 5 * statistics.median(ms), ms

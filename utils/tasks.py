@@ -38,7 +38,15 @@ class Task(Protocol):
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
+    def input_tokens(self, batch: dict[str, torch.Tensor]) -> int: ...
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSums: ...
+
+
+def real_tokens(batch: dict[str, torch.Tensor], pad_id: int | None) -> int:
+    """Input positions that hold a token, padding excluded (throughput counts these)."""
+    ids = batch["input_ids"]
+    return ids.numel() if pad_id is None else int((ids != pad_id).sum())
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,10 +58,12 @@ class LanguageModelingTask:
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, train_set: Any, valid_set: Any, collate_fn: Any = None) -> None:
+    def __init__(self, train_set: Any, valid_set: Any, collate_fn: Any = None,
+                 pad_id: int | None = None) -> None:
         self.train_set = train_set
         self.valid_set = valid_set
         self._collate = collate_fn
+        self.pad_id = pad_id  # None: batches are never padded (pretraining windows)
 
     def collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
         if self._collate is not None:
@@ -63,6 +73,9 @@ class LanguageModelingTask:
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != -100).sum())
+
+    def input_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return real_tokens(batch, self.pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSums:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -97,12 +110,13 @@ class PreferenceTask:
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
     def __init__(self, train_set: Any, valid_set: Any, collate_fn: Any, beta: float, loss_type: str,
-                 label_smoothing: float) -> None:
+                 label_smoothing: float, pad_id: int | None = None) -> None:
         from utils.dpo import uses_average_logps
 
         self.train_set = OffsetIndex(train_set, 0)
         self.valid_set = OffsetIndex(valid_set, len(train_set))
         self._collate = collate_fn
+        self.pad_id = pad_id
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.average = uses_average_logps(loss_type)
         self.reference: nn.Module | None = None
@@ -133,6 +147,9 @@ class PreferenceTask:
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["index"].numel())
+
+    def input_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return real_tokens(batch, self.pad_id)  # chosen and rejected rows both
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         from utils.dpo import concatenated_logps
