@@ -16,8 +16,10 @@ Streaming, two passes, memory bounded by one shard:
    memory and write it as ``shard_00000.txt``, ... .
 
 Shards hold whole documents separated by one blank line (the ``.txt`` reader of
-``data/readers.py`` reads them back paragraph by paragraph). ``summary.json`` records the MB
-available, the quota and the MB taken per source.
+``data/readers.py`` reads them back paragraph by paragraph). ``summary.jsonc`` records the MB
+available, the quota and the MB taken per source. It is plain JSON; the ``.jsonc`` suffix keeps
+it out of :func:`data.readers.list_data_files` (which reads ``.json``), so the output directory
+can be passed as ``--data_dir`` of ``tokenizer.train_tokenizer`` as it is.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data.readers import ReadStats, iter_documents, list_data_files
+from tokenizer.train_tokenizer import check_out_dir
 from utils.errors import DataError, run_cli
 from utils.logging_utils import get_logger, setup_logging
 
@@ -43,6 +46,7 @@ logger = get_logger(__name__)
 MB = 1_000_000
 SHARD_PREFIX = "shard_"
 DOC_SEPARATOR = b"\n\n"
+SUMMARY_FILE = "summary.jsonc"  # not a data suffix: the readers never take it for text
 _LEN = struct.Struct("<Q")  # bucket files: length-prefixed documents
 
 
@@ -173,6 +177,7 @@ def sample_text(
     data_dir, output_dir = Path(data_dir).resolve(), Path(output_dir).resolve()
     if output_dir == data_dir or data_dir in output_dir.parents:
         raise DataError(f"--output_dir {str(output_dir)!r} lies inside --data_dir; choose another")
+    check_out_dir(output_dir, "--output_dir")
     sources = list_sources(data_dir)
 
     summaries: dict[str, SourceSummary] = {}
@@ -198,7 +203,7 @@ def sample_text(
     tmp_dir.rmdir()
 
     result = list(summaries.values())
-    (output_dir / "summary.json").write_text(
+    (output_dir / SUMMARY_FILE).write_text(
         json.dumps({"max_mb": max_mb, "seed": seed, "shards": [s.name for s in shards],
                     "sources": [asdict(s) for s in result]}, indent=2, ensure_ascii=False) + "\n",
         encoding="utf-8",
@@ -222,7 +227,8 @@ def format_summary(summaries: list[SourceSummary]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="corpus directory (searched recursively)")
-    parser.add_argument("--output_dir", required=True, help="where the txt shards are written")
+    parser.add_argument("--output_dir", required=True,
+                        help="where the txt shards and summary.jsonc are written")
     parser.add_argument("--max_mb", type=float, required=True,
                         help="text budget in MB (10**6 bytes)")
     parser.add_argument("--shard_mb", type=float, default=100.0, help="approximate MB per shard")

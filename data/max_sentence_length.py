@@ -3,9 +3,11 @@
     python -m data.max_sentence_length --data_dir=DIR [--tokenizer_dir=DIR] [--text_field=F]
 
 Prints, per file and overall: document count, mean, p50, p90, p99 and max length. Lengths are
-Unicode code points (``len(text)``); with ``--tokenizer_dir`` also token counts from
-``transformers.AutoTokenizer.from_pretrained(dir)`` without special tokens (bos/eos). Useful to
-choose ``max_seq_len`` and to see how much of a corpus a context window cuts off.
+Unicode code points (``len(text)``); with ``--tokenizer_dir`` (a zero2all tokenizer, loaded by
+``tokenizer.tokenization.load_tokenizer``) also token counts, without bos/eos and with the
+documents encoded as untrusted text (``encode_untrusted_batch``), exactly as pretokenization
+encodes them: a literal ``<|im_end|>`` in a document counts as the several tokens it becomes.
+Useful to choose ``max_seq_len`` and to see how much of a corpus a context window cuts off.
 
 Percentiles use linear interpolation between order statistics (numpy's default), so p50 of
 ``[1, 2, 3, 4]`` is 2.5. All lengths are kept in memory as int64 (8 bytes per document).
@@ -24,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.readers import ReadStats, iter_documents, list_data_files
+from tokenizer.tokenization import encode_untrusted_batch, load_tokenizer
 from utils.errors import DataError, run_cli
 from utils.logging_utils import get_logger, setup_logging
 
@@ -52,20 +55,12 @@ class LengthStats:
 
 
 def load_token_counter(tokenizer_dir: str | os.PathLike) -> Callable[[list[str]], list[int]]:
-    """A function mapping a batch of texts to their token counts (no special tokens added)."""
-    path = Path(tokenizer_dir)
-    if not path.is_dir():
-        raise DataError(f"tokenizer directory {str(path)!r} does not exist")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers raises OSError, ValueError, JSON errors, ...
-        raise DataError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
+    """A function mapping a batch of texts to their token counts, encoded as pretokenization
+    does (untrusted text, no special tokens added); DataError for a non-tokenizer directory."""
+    tok = load_tokenizer(tokenizer_dir)
 
     def count(texts: list[str]) -> list[int]:
-        ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(ids) for ids in encode_untrusted_batch(tok, texts)]
 
     return count
 

@@ -412,6 +412,77 @@ def test_a_task_without_enough_instances_is_an_error_not_a_hang(monkeypatch):
         build(seed=0, tasks=["parity"])
 
 
+def _convert_key(question: str, answer: str) -> tuple[int, int]:
+    """(unit pair, amount) of a convert question, read from its text and answer."""
+    from data.build_sft_data import UNITS
+
+    unit = answer.lstrip("0123456789").strip()
+    index = next(i for i, u in enumerate(UNITS) if unit in (u[1], u[3]))
+    return index, int(NUM.findall(question)[0])
+
+
+def test_convert_alone_is_scaled_to_its_instance_space(caplog):
+    with caplog.at_level("WARNING", logger="build_sft_data"):
+        splits = build(seed=0, tasks=["convert"])  # 7,600 records > 5,994 instances
+    from data.build_sft_data import INSTANCE_SPACE, MAX_FILL
+
+    assert "'convert' has only 5994 distinct instances" in caplog.text
+    sizes = {name: len(records) for name, records in splits.items()}
+    assert sum(sizes.values()) <= MAX_FILL * INSTANCE_SPACE["convert"]
+    assert sizes["sft_train"] > 3000 and sizes["sft_heldout"] > 250
+    default = {"sft_train": 5000, "sft_heldout": 400, "dpo_train": 2000, "dpo_heldout": 200}
+    ratios = [sizes[split] / n for split, n in default.items()]
+    assert max(ratios) - min(ratios) < 0.01  # one factor for every split
+    keys = {}
+    for name, records in splits.items():
+        keys[name] = []
+        for record in records:
+            assert record["task"] == "convert"
+            if "prompt" in record:
+                prompt = record["prompt"]
+                question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+                answer = record["chosen"]
+            else:
+                messages = record_to_messages(record, "x")
+                question, answer = messages[-2]["content"], messages[-1]["content"]
+            keys[name].append(_convert_key(question, answer))
+    everything = [k for split in keys.values() for k in split]
+    assert len(set(everything)) == len(everything)  # no instance twice, held-out disjoint
+    for record in splits["sft_heldout"]:
+        question, answer = record["messages"][0]["content"], record["answer"]
+        unit, amount = _convert_key(question, answer)
+        assert answer.startswith(str(amount * [1000, 100, 1000, 60, 60, 1000][unit]))
+
+
+def test_split_sizes_change_only_for_selections_short_of_instances():
+    from data.build_sft_data import split_sizes
+
+    default = {"sft_heldout": 400, "dpo_heldout": 200, "sft_train": 5000, "dpo_train": 2000}
+    for tasks in (TASKS, ["next"], ["convert", "next"], TIERS["copy"]):
+        assert split_sizes(tasks) == default, tasks
+    assert sum(split_sizes(["convert"]).values()) < 7600
+
+
+def test_instance_space_matches_the_sampler():
+    import random
+
+    from data.build_sft_data import INSTANCE_SPACE, sample_instance
+
+    rng = random.Random(0)
+    for task in ("convert", "next"):  # small enough to enumerate by drawing
+        drawn = {sample_instance(rng, task) for _ in range(200_000)}
+        assert len(drawn) == INSTANCE_SPACE[task], task
+
+
+def test_tasks_help_names_every_tier(capsys):
+    from data.build_sft_data import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "tiers (lookup, spell, copy, compute)" in help_text
+
+
 def test_bundled_sft_data_loads(tokenizer_dir, tmp_path):
     ds = SFTDataset(
         ROOT / "data" / "sample_sft", 256, "valid", tokenizer_dir=tokenizer_dir, cache_dir=tmp_path

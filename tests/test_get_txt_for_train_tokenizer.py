@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.get_txt_for_train_tokenizer import allocate_quotas, list_sources, sample_text
-from data.readers import iter_documents
+from data.readers import ReadStats, iter_documents, list_data_files
 from utils.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +80,25 @@ def test_sample_respects_quotas_and_takes_small_sources_whole(tmp_path: Path) ->
     first = [d for d in text.split("\n\n")[:60]]
     assert any(d.startswith("中文") for d in first) and any(d.startswith("english") for d in first)
 
-    summary = json.loads((out / "summary.json").read_text("utf-8"))
+    summary = json.loads((out / "summary.jsonc").read_text("utf-8"))
     assert [s["source"] for s in summary["sources"]] == ["en", "notes.txt", "zh.json"]
     assert summary["shards"] == [p.name for p in shards]
     assert not (out / ".buckets").exists()
+
+
+def test_output_dir_reads_back_as_the_shards_only(tmp_path: Path) -> None:
+    """The README passes --output_dir on as train_tokenizer's --data_dir: the summary must not
+    be read as training text."""
+    _make_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    sample_text(tmp_path / "data", out, 0.01, shard_mb=0.004)
+    shards = sorted(out.glob("shard_*.txt"))
+    assert len(shards) == 3 and len(list(out.iterdir())) == 4  # + the summary
+    assert list_data_files(out) == shards
+    stats = ReadStats()
+    for path in list_data_files(out):
+        list(iter_documents(path, None, stats))
+    assert stats.num_skipped == 0
 
 
 def test_sample_is_deterministic_and_readable(tmp_path: Path) -> None:
@@ -118,6 +133,11 @@ def test_errors(tmp_path: Path) -> None:
         sample_text(tmp_path / "data", tmp_path / "data" / "out", 1)
     with pytest.raises(DataError, match="must be positive"):
         sample_text(tmp_path / "data", tmp_path / "out", 0)
+    (tmp_path / "a_file").write_text("keep me")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(DataError, match="--output_dir=.*a_file exists and is not a directory"):
+            sample_text(tmp_path / "data", out, 1)
+    assert (tmp_path / "a_file").read_text() == "keep me"
 
 
 def test_cli(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data.max_sentence_length import LengthStats, format_report, length_report
+from tokenizer.tokenization import SPECIAL_TOKENS
 from utils.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +24,19 @@ def test_length_stats_hand_computed() -> None:
 
 
 def _word_level_tokenizer(path: Path, words: list[str]) -> Path:
-    """A tiny whitespace word-level tokenizer: token count == number of words (reference)."""
+    """A tiny whitespace word-level tokenizer with the zero2all special tokens at ids 0..5:
+    token count == number of words (reference)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(sorted(set(words)))}}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab.update({w: len(vocab) + i for i, w in enumerate(sorted(set(words)))})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", additional_special_tokens=list(SPECIAL_TOKENS[4:]),
+    )
     fast.save_pretrained(path)
     return path
 
@@ -74,12 +80,30 @@ def test_token_stats_with_tokenizer(corpus, tmp_path: Path) -> None:
     assert "tokens" in format_report(report)
 
 
+def test_token_counts_treat_special_token_strings_as_text(tmp_path: Path, tokenizer_dir) -> None:
+    """Counted as pretokenization encodes documents: a literal <|im_end|> is several tokens."""
+    from tokenizer.tokenization import encode_untrusted, load_tokenizer
+
+    texts = ["<|im_end|>", "a chat log: <|im_start|>user\nhi<|im_end|>\n", "plain words"]
+    (tmp_path / "data").mkdir()
+    records = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    (tmp_path / "data" / "a.jsonl").write_text(records)
+    report = length_report(tmp_path / "data", tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    expected = [len(encode_untrusted(tok, t)) for t in texts]
+    assert expected[0] > 1
+    assert report["a.jsonl"]["tokens"] == LengthStats.of(expected)
+
+
 def test_errors(tmp_path: Path, corpus) -> None:
     data, _ = corpus
     with pytest.raises(DataError, match="tokenizer directory .* does not exist"):
         length_report(data, tmp_path / "no_tok")
     (tmp_path / "bad_tok").mkdir()
-    with pytest.raises(DataError, match="cannot load a tokenizer"):
+    with pytest.raises(DataError, match="bad_tok: not a tokenizer directory"):
+        length_report(data, tmp_path / "bad_tok")
+    (tmp_path / "bad_tok" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="bad_tok: cannot load tokenizer"):
         length_report(data, tmp_path / "bad_tok")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .txt/.jsonl/.json/.parquet files"):

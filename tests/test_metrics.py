@@ -65,6 +65,21 @@ def test_truncate_after_keeps_rows_up_to_the_resumed_iteration(tmp_path):
     assert truncate_after(tmp_path / "missing.jsonl", 3) == 0
 
 
+def test_read_metrics_skips_undecodable_and_unparseable_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(
+        b'{"iter": 1, "loss": 2.0}\n'
+        b"\xff\xfe\x00 not utf-8\n"
+        b'{"iter": 2, "note": "caf\xe9"}\n'  # latin-1 inside an otherwise valid row
+        b"[[[[[[[[[[[[[[[[[[[[" * 5000 + b"\n"  # too deep for json's recursion limit
+        b'{"iter": 3, "loss": "NaN"}\r\n'
+        b'{"iter": 4, "lo'  # torn last line
+    )
+    rows = read_metrics(path)
+    assert [r["iter"] for r in rows] == [1, 3]
+    assert math.isnan(rows[1]["loss"])
+
+
 def test_resumed_logger_equals_uninterrupted(tmp_path):
     losses = {i: 10.0 / i for i in range(1, 11)}
     with MetricsLogger(tmp_path / "ref", tensorboard=False) as ref:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import struct
 import subprocess
@@ -66,3 +68,37 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rows_without_integer_iter_are_skipped_with_a_warning(tmp_path, caplog):
+    rows = [{"iter": 1, "loss": 3.0}, {"loss": 2.9}, {"iter": None, "loss": 2.8},
+            {"iter": "7", "loss": 2.7}, {"iter": True, "loss": 2.6}, {"iter": 2, "loss": 2.5}]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="resplot"):
+        assert [r["iter"] for r in load_run(tmp_path / "run")] == [1, 2]
+    assert "skipped 4 row(s) without an integer 'iter'" in caplog.text
+    assert series(rows, "loss") == ([1, 2], [3.0, 2.5])
+    assert main([str(tmp_path / "run")]) == 0
+    assert png_size(tmp_path / "run" / "curves.png") == (1200, 800)
+
+
+def test_non_utf8_metrics_file_is_plotted(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_bytes(
+        b'{"iter": 1, "loss": 2.0}\n\xff\xfe garbage \x80\n{"iter": 2, "loss": 1.5}\n')
+    assert [r["iter"] for r in load_run(tmp_path / "run")] == [1, 2]
+    assert main([str(tmp_path / "run")]) == 0
+
+
+def test_a_single_row_is_drawn_with_a_marker(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    write_run(tmp_path / "one", 1, with_val=False)
+    assert main([str(tmp_path / "one")]) == 0
+    (fig,) = figures
+    for ax in fig.axes:
+        (line,) = ax.get_lines()  # a single point: only a marker makes it visible
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "", "None")

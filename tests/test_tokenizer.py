@@ -9,6 +9,7 @@ The sentencepiece library itself is the reference for the converted sp_bbpe ``to
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -239,6 +240,10 @@ def test_untrusted_im_end_never_becomes_control_id(any_dir):
     assert encode_untrusted_batch(tok, [attack, "", "hi"]) == [ids, [], encode_untrusted(tok, "hi")]
 
 
+def test_encode_untrusted_batch_of_nothing_is_empty(tokenizer_dir):
+    assert encode_untrusted_batch(load_tokenizer(tokenizer_dir), []) == []
+
+
 # --- fingerprint ----------------------------------------------------------------------------
 
 
@@ -297,6 +302,55 @@ def test_train_errors(tmp_path):
                         character_coverage=1.0)
 
 
+@pytest.mark.parametrize(
+    "records, kwargs, expected",
+    [
+        ([{"text": "some text"}] * 20, {"text_field": "txt"}, r"--text_field=txt.*bad_field=20"),
+        (["not json", '{"text": 3}', "[1]"], {}, r"default fields.*bad_field=1, bad_json=1"),
+        ([{"text": "x" * 500}] * 20, {"max_train_bytes": 100}, r"--max_train_bytes=100 sample"),
+    ],
+    ids=["text_field_typo", "all_records_bad", "all_over_max_train_bytes"],
+)
+def test_no_training_documents_is_an_error_before_writing(tmp_path, records, kwargs, expected):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    )
+    out = tmp_path / "tok"
+    with pytest.raises(DataError, match=expected) as info:
+        train_tokenizer("hf_bbpe", list_data_files(data), vocab_size=400, out_dir=out, **kwargs)
+    assert str(data) in str(info.value) and "no training documents" in str(info.value)
+    assert not out.exists()
+    with pytest.raises(DataError, match="no training text"):
+        train_tokenizer("sp_bbpe", texts=[], vocab_size=400, out_dir=out)
+    assert not out.exists()
+
+
+def test_log_counts_the_documents_actually_trained_on(tmp_path, caplog):
+    texts = [f"document {i} " + "word " * (i % 40) for i in range(300)]
+    files = [write_jsonl(tmp_path / "data" / "a.jsonl", texts)]
+    budget = 3000
+    sample = list(iter_training_texts(files, max_train_bytes=budget, seed=0))
+    used = sum(len(t.encode()) for t in sample)
+    assert 0 < len(sample) < len(texts)
+    with caplog.at_level(logging.INFO, logger="tokenizer.train_tokenizer"):
+        train_tokenizer("hf_bbpe", files, vocab_size=400, out_dir=tmp_path / "tok",
+                        max_train_bytes=budget, seed=0)
+    assert f"trained on {len(sample)} documents, {used:,} bytes" in caplog.text
+    assert f"read: {len(texts)} documents read" in caplog.text  # the read stats, labelled
+
+
+def test_out_dir_that_is_a_file_fails_before_training(tmp_path):
+    a_file = tmp_path / "tok"
+    a_file.write_text("not a directory")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(DataError, match="exists and is not a directory"):
+            train_tokenizer("hf_bbpe", texts=iter(["hello world"] * 10), vocab_size=400,
+                            out_dir=out)
+    assert a_file.read_text() == "not a directory"
+
+
 def test_retraining_other_type_leaves_no_stale_model(tmp_path):
     out = tmp_path / "tok"
     train_tokenizer("sp_bbpe", texts=BUILTIN_TOKENIZER_TEXT * 20, vocab_size=450, out_dir=out)
@@ -338,12 +392,15 @@ def test_cli_trains_and_reports(tmp_path):
         (["--tokenizer_type=hf_bbpe", "--data_dir=/nonexistent/zz"], "/nonexistent/zz"),
         (["--tokenizer_type=bpe", "--data_dir=."], "tokenizer_type"),
         (["--tokenizer_type=hf_bbpe", "--data_dir=EMPTY"], "no .txt/.jsonl/.json/.parquet files"),
+        (["--tokenizer_type=hf_bbpe", "--data_dir=CORPUS", "--text_field=txt"], "bad_field=3"),
     ],
-    ids=["missing_data_dir", "bad_tokenizer_type", "empty_data_dir"],
+    ids=["missing_data_dir", "bad_tokenizer_type", "empty_data_dir", "text_field_typo"],
 )
 def test_cli_errors_are_clear(tmp_path, args, expected):
     (tmp_path / "empty").mkdir()
+    write_jsonl(tmp_path / "corpus" / "docs.jsonl", ["one", "two", "three"])
     args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    args = [a.replace("CORPUS", str(tmp_path / "corpus")) for a in args]
     r = run_cli(*args, "--vocab_size=500", f"--out_dir={tmp_path / 'out'}")
     assert r.returncode != 0
     assert expected in r.stderr

@@ -139,6 +139,8 @@ def encode_untrusted(tok: Any, text: str) -> list[int]:
 
 def encode_untrusted_batch(tok: Any, texts: list[str]) -> list[list[int]]:
     """:func:`encode_untrusted` for many texts at once (the Rust backend encodes in parallel)."""
+    if not texts:
+        return []  # transformers cannot tell an empty batch from a single text
     backend = tok.backend_tokenizer
     previous = backend.encode_special_tokens
     try:

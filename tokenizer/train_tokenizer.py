@@ -19,7 +19,10 @@ Special tokens sit at ids 0..5 in both (see ``tokenizer/tokenization.py`` and th
 
 Training text is read with ``data.readers`` (streaming). ``--max_train_bytes`` samples whole
 documents with a seeded Bernoulli draw in a second streaming pass, so memory is bounded by the
-sample and the same seed gives the same sample.
+sample and the same seed gives the same sample. The log reports the documents and bytes actually
+trained on, then what the readers read and skipped. No training document at all (a mistyped
+``--text_field``, only bad records, every document larger than ``--max_train_bytes``) is a
+``DataError`` raised before anything is written.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
-from itertools import zip_longest
+from itertools import chain, zip_longest
 from pathlib import Path
 
 from tqdm import tqdm
@@ -111,6 +115,8 @@ def iter_training_texts(
 def _sample_documents(
     files: list[Path], text_field: str | None, budget: int, total: int, seed: int, stats: ReadStats
 ) -> Iterator[str]:
+    """Bernoulli sample; a document drawn but larger than the budget left counts as
+    ``over_budget`` in ``stats.skipped`` (reading still counts it in ``stats.docs``)."""
     rng = random.Random(seed)
     keep_prob = budget / total
     for path in tqdm(files, desc="sampling", unit="file", leave=False, disable=None):
@@ -119,9 +125,18 @@ def _sample_documents(
                 continue
             size = len(doc.encode("utf-8"))
             if size > budget:
+                stats.skip("over_budget")
                 continue  # too big for what is left; a smaller later document may still fit
             budget -= size
             yield doc
+
+
+def _count_kept(texts: Iterable[str], kept: ReadStats) -> Iterator[str]:
+    """Pass ``texts`` through, counting them (and their UTF-8 bytes) in ``kept``."""
+    for text in texts:
+        kept.docs += 1
+        kept.bytes += len(text.encode("utf-8"))
+        yield text
 
 
 def _cap_bytes(texts: Iterable[str], max_train_bytes: int | None) -> Iterator[str]:
@@ -322,20 +337,62 @@ def train_tokenizer(
         raise ConfigError(f"--max_train_bytes={max_train_bytes} must be positive")
     if (files is None) == (texts is None):
         raise ValueError("pass exactly one of files= or texts=")
-    stats = ReadStats()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, "--out_dir")
+    read, kept = ReadStats(), ReadStats()
     if files is not None:
-        docs = iter_training_texts(files, text_field, max_train_bytes, seed, stats)
+        docs = iter_training_texts(files, text_field, max_train_bytes, seed, read)
     else:
         docs = _cap_bytes(texts, max_train_bytes)
-    out_dir = Path(out_dir)
+    docs = _count_kept(docs, kept)
+    first = next(docs, None)  # streams until the first kept document
+    if first is None:
+        raise DataError(_no_text_message(files, text_field, max_train_bytes, read))
+    docs = chain([first], docs)
     if tokenizer_type == "hf_bbpe":
         save_tokenizer_dir(build_hf_bbpe(docs, vocab_size), out_dir)
     else:
         sp_model = train_sentencepiece(docs, vocab_size, seed, character_coverage)
         save_tokenizer_dir(sentencepiece_to_tokenizers(sp_model), out_dir, sp_model=sp_model)
+    logger.info("trained on %d documents, %s bytes of text", kept.docs, f"{kept.bytes:,}")
     if files is not None:
-        logger.info("training text: %s, %.1f MB used", stats.summary(), stats.bytes / 1e6)
+        note = " (over_budget: drawn by the sample, larger than the bytes left)"
+        logger.info("read: %s, %s bytes%s", read.summary(), f"{read.bytes:,}",
+                    note if read.skipped["over_budget"] else "")
     return out_dir
+
+
+def check_out_dir(path: Path, flag: str) -> None:
+    """DataError when ``path`` or its nearest existing parent is not a directory.
+
+    Checked before reading any data, so a long run does not fail at its very end.
+    """
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(
+            f"{flag}={path}: {existing} exists and is not a directory; choose a directory path"
+        )
+
+
+def _no_text_message(
+    files: list[Path] | None, text_field: str | None, max_train_bytes: int | None,
+    read: ReadStats,
+) -> str:
+    """Why no training document was kept, naming the data, the text field and skip reasons."""
+    if files is None:
+        return (f"no training text: texts= is empty or its first text is larger than "
+                f"max_train_bytes={max_train_bytes}")
+    where = os.path.commonpath([str(f.parent) for f in files]) if files else "(no files)"
+    field = f"--text_field={text_field}" if text_field else "the default fields (text, content)"
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(read.skipped.items())) or "none"
+    message = (f"no training documents in {len(files)} file(s) under {where} with {field}: "
+               f"{read.docs} documents read, records skipped: {reasons}")
+    if read.docs and max_train_bytes is not None:
+        message += (f"; the --max_train_bytes={max_train_bytes} sample kept none of them "
+                    "(over_budget: drawn but larger than the budget); raise --max_train_bytes")
+    elif read.skipped.get("bad_field"):
+        message += "; bad_field means records without that field: check --text_field"
+    return message + "; nothing was written"
 
 
 def heldout_stats(tok, heldout_dir: Path, text_field: str | None = None) -> dict[str, dict]:

@@ -91,14 +91,15 @@ def _from_json(value: Any) -> Any:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All rows of a ``metrics.jsonl`` file, non-finite strings decoded back to floats.
 
-    A torn or garbled line (a crash mid-write) is skipped, not an error: the file is a log.
+    A torn, garbled or non-UTF-8 line (a crash mid-write, a stray binary write) is skipped, not
+    an error: the file is a log. Lines are split on ``\n`` only and decoded one at a time.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError: ValueError
                 continue
             if isinstance(row, dict):
                 rows.append({k: _from_json(v) for k, v in row.items()})

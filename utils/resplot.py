@@ -4,8 +4,10 @@
 
 Four panels against the iteration: train loss (solid) with val loss (dashed, markers), learning
 rate, gradient norm, tokens/s. Several runs are overlaid, one colour per run, labelled by the
-run directory's name. A panel whose metric no run logged says so instead of staying blank.
-The default output is ``curves.png`` in the first OUT_DIR.
+run directory's name. A series of at most ``MARKER_MAX_POINTS`` points also gets markers, so a
+run with a single logged row still shows a dot. A panel whose metric no run logged says so
+instead of staying blank. Rows without an integer ``iter`` (hand-edited or foreign files) are
+skipped with a warning. The default output is ``curves.png`` in the first OUT_DIR.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ PANELS: tuple[tuple[str, str, bool], ...] = (
     ("grad_norm", "gradient norm", True),
     ("tokens_per_sec", "tokens / s", False),
 )
+MARKER_MAX_POINTS = 20  # sparser series get markers: one point alone draws no line
 
 
 def load_run(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -38,16 +41,27 @@ def load_run(out_dir: str | Path) -> list[dict[str, Any]]:
             f"{path}: no metrics file; pass a train.py out_dir (it writes {METRICS_FILE} there)"
         )
     rows = read_metrics(path)
-    if not rows:
-        raise DataError(f"{path}: no metrics rows yet")
-    return rows
+    usable = [row for row in rows if _is_int(row.get("iter"))]
+    if len(usable) < len(rows):
+        logger.warning("%s: skipped %d row(s) without an integer 'iter'", path,
+                       len(rows) - len(usable))
+    if not usable:
+        raise DataError(f"{path}: no metrics rows with an integer 'iter' yet")
+    return usable
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(iters, values) of the rows that have a finite number under ``key``."""
+    """(iters, values) of the rows that have an integer ``iter`` and a finite number under
+    ``key``."""
     xs, ys = [], []
     for row in rows:
         value = row.get(key)
+        if not _is_int(row.get("iter")):
+            continue
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             xs.append(row["iter"])
             ys.append(float(value))
@@ -56,6 +70,18 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 def plot_runs(runs: dict[str, list[dict[str, Any]]], output: str | Path) -> Path:
     """Draw ``runs`` (name -> metrics rows) into the PNG ``output``; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_runs(runs)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def draw_runs(runs: dict[str, list[dict[str, Any]]]):
+    """The 2x2 figure of ``runs`` (name -> metrics rows); the caller saves and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +95,8 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], output: str | Path) -> Path
             color = colors[i % len(colors)]
             xs, ys = series(rows, key)
             if xs:
-                ax.plot(xs, ys, color=color, label=name)
+                marker = "o" if len(xs) <= MARKER_MAX_POINTS else None
+                ax.plot(xs, ys, color=color, marker=marker, markersize=3, label=name)
                 drawn = True
             if key == "loss":
                 vx, vy = series(rows, "val_loss")
@@ -89,11 +116,7 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], output: str | Path) -> Path
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
+    return fig
 
 
 def run_names(out_dirs: list[Path]) -> list[str]:
