@@ -319,6 +319,11 @@ def validate(cfg: Config) -> None:
     o = cfg.optim
     if o.min_lr > o.learning_rate:
         raise ConfigError(f"min_lr ({o.min_lr}) must not exceed learning_rate ({o.learning_rate})")
+    if 0 < o.lr_decay_iters <= o.warmup_iters:
+        raise ConfigError(
+            f"lr_decay_iters ({o.lr_decay_iters}) must exceed warmup_iters ({o.warmup_iters}): the "
+            "cosine decay runs from the end of warmup to lr_decay_iters (0 = max_iters)"
+        )
     if not 0.0 <= cfg.data.valid_ratio < 1.0:
         raise ConfigError(f"bad value {cfg.data.valid_ratio} for config key 'valid_ratio': expected 0 ≤ x < 1")
     if not 0.0 <= cfg.task.dpo_label_smoothing < 0.5:

@@ -84,6 +84,8 @@ def test_cross_key_validation():
         resolve("--learning_rate=1e-4", "--min_lr=1e-3")
     with pytest.raises(ConfigError, match="valid_ratio"):
         resolve("--valid_ratio=1.0")
+    with pytest.raises(ConfigError, match="lr_decay_iters"):
+        resolve("--warmup_iters=10", "--lr_decay_iters=5")
 
 
 def test_save_and_load_round_trip(tmp_path):
