@@ -188,8 +188,9 @@ def wrap_data_parallel(cfg: Config, model: nn.Module, ctx: DistContext) -> nn.Mo
         return model
     from parallel.distributed_data_parallel import wrap_model
 
+    impl = p.ddp_impl if ctx.is_distributed else "my"  # torch's DDP needs a process group
     return wrap_model(
-        model, ctx, "my" if not ctx.is_distributed else p.ddp_impl, bucket_size=p.bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
+        model, ctx, impl, bucket_size=p.bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
         grad_reduce_in_fp32=p.grad_reduce_in_fp32, comm_hook=p.comm_hook, powersgd_rank=p.powersgd_rank,
         powersgd_start_iter=p.powersgd_start_iter,
         powersgd_min_compression_rate=p.powersgd_min_compression_rate, seed=cfg.task.seed,
