@@ -428,11 +428,8 @@ class DistributedOptimizer:
         self.finish_param_sync()
         params: dict[str, dict[str, torch.Tensor]] = {}
         for sb in self.buckets:
-            kinds = {"exp_avg": sb.exp_avg, "exp_avg_sq": sb.exp_avg_sq}
-            if sb.keeps_master:
-                kinds["master"] = sb.master
-            for kind, shard in kinds.items():
-                full = self._gather_bucket(sb, shard)
+            for kind in self._state_kinds(sb):
+                full = self._gather_bucket(sb, getattr(sb, kind))
                 for p, r in sb.bucket.param_ranges.items():
                     entry = params.setdefault(self.names[p], {})
                     entry[kind] = full[r.start : r.end].view(p.shape).cpu().clone()
@@ -464,9 +461,9 @@ class DistributedOptimizer:
         self.finish_param_sync()
         for sb in self.buckets:
             for ps, p in zip(sb.shard.params, sb.owners, strict=True):
-                entry = self._checked_entry(saved, p, sb.keeps_master)
+                entry = self._checked_entry(saved, p, self._state_kinds(sb))
                 dst = ps.shard.shift(-sb.shard.shard.start)
-                for kind in ("exp_avg", "exp_avg_sq") + (("master",) if sb.keeps_master else ()):
+                for kind in self._state_kinds(sb):
                     src = entry[kind].reshape(-1)[ps.param.start : ps.param.end]
                     getattr(sb, kind)[dst.start : dst.end].copy_(src)
             if sb.keeps_master:
@@ -551,10 +548,9 @@ class DistributedOptimizer:
         self.step_count = int(header["step"])
         self.loss_scaler.load_state_dict(header["loss_scaler"])
 
-    def _checked_entry(self, saved: dict[str, Any], p: nn.Parameter, needs_master: bool) -> dict:
+    def _checked_entry(self, saved: dict[str, Any], p: nn.Parameter, kinds: tuple[str, ...]) -> dict:
         name = self.names[p]
         entry = saved[name]
-        kinds = ("exp_avg", "exp_avg_sq") + (("master",) if needs_master else ())
         for kind in kinds:
             if kind not in entry:
                 raise DataError(f"optimizer state of parameter {name!r} has no {kind!r} "
